@@ -1,0 +1,12 @@
+"""weightweaving: data-free model merging with Weight Weaving, streaming over real checkpoints."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import merge
+from .checkpoints import open_checkpoint
+from .errors import WeightWeavingError
+from .methods import get_method, list_methods
+
+__all__ = ["WeightWeavingError", "__version__", "get_method", "list_methods", "merge", "open_checkpoint"]

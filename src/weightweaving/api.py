@@ -1,0 +1,274 @@
+"""The Python API: ``merge`` (one method at one λ) and the machinery ``weave`` shares with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from .checkpoints import OutputEntry, SafetensorsWriter, open_checkpoint
+from .checkpoints.base import Checkpoint
+from .checkpoints.open import Source
+from .engine import Executor, LocalExecutor, Runner, make_plan
+from .engine.plan import align_keys
+from .errors import OptionError, WeightWeavingError
+from .methods import Hyperparameters, Method, Scope, UnitContext, get_method
+
+log = logging.getLogger("weightweaving")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None, option: str = "--dtype") -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[str(value).lower()]
+    except KeyError:
+        raise OptionError(f"{option} '{value}' is not one of: {', '.join(sorted(DTYPES))}") from None
+
+
+@dataclasses.dataclass
+class Job:
+    """Opened checkpoints plus a plan and a runner: what merge and weave share."""
+
+    base: Checkpoint
+    models: list[Checkpoint]
+    runner: Runner
+    sources: list[str]
+
+    def close(self) -> None:
+        for ckpt in [self.base, *self.models]:
+            ckpt.close()
+
+
+def open_job(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    *,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    compute_dtype: str | torch.dtype | None,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    seed: int,
+    common_only: bool,
+    allow_nonfinite: bool,
+    executor: Executor | None,
+    workers: int,
+    progress: bool | None,
+    extras: dict[str, Any] | None = None,
+) -> Job:
+    if isinstance(finetuned, (str, os.PathLike, Mapping)):
+        raise OptionError("'finetuned' must be a list of checkpoints, one per fine-tuned model")
+    base = open_checkpoint(pretrained, label="pretrained")
+    models = [align_keys(base, open_checkpoint(src, label=f"finetuned[{i}]")) for i, src in enumerate(finetuned)]
+    plan = make_plan(
+        base,
+        models,
+        include=include,
+        exclude=exclude,
+        out_dtype=parse_dtype(dtype),
+        common_only=common_only,
+    )
+    cdtype = parse_dtype(compute_dtype, "--compute-dtype") or torch.float32
+    if not cdtype.is_floating_point or cdtype in (torch.float16, torch.bfloat16):
+        raise OptionError("--compute-dtype must be float32 or float64")
+    runner = Runner(
+        plan,
+        base,
+        models,
+        device=device,
+        compute_dtype=cdtype,
+        seed=seed,
+        allow_nonfinite=allow_nonfinite,
+        executor=executor or LocalExecutor(workers),
+        progress=progress,
+        extras=extras,
+    )
+    sources = [c.label() for c in [base, *models]]
+    return Job(base=base, models=models, runner=runner, sources=sources)
+
+
+def method_stats(method: Method, p: Hyperparameters, runner: Runner) -> Any:
+    """Run a global-scope method's first passes (nothing for local scopes)."""
+    if method.scope_of(p) is not Scope.GLOBAL:
+        return None
+    return method.global_stats(runner.scan, p, runner.seed)
+
+
+def with_stats(ctx: UnitContext, stats: Any) -> UnitContext:
+    return dataclasses.replace(ctx, stats=stats)
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """``'5GB'``, ``'500MB'``, ``'2GiB'`` or a number of bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, factor = text, 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise OptionError(f"--shard-size '{value}' is not a size such as 2GB or 500MB") from None
+    if size <= 0:
+        raise OptionError(f"--shard-size '{value}' must be positive")
+    return size
+
+
+def check_output(out: str | os.PathLike[str], sources: Sequence[Source], overwrite: bool) -> Path:
+    out_path = Path(out)
+    resolved = out_path.resolve()
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)):
+            src_path = Path(src).resolve()
+            if src_path == resolved or resolved in src_path.parents:
+                raise WeightWeavingError("the output folder is one of the inputs; choose another --out", path=out_path)
+    if out_path.exists() and not overwrite:
+        raise WeightWeavingError("the output folder exists; pass --overwrite to replace it", path=out_path)
+    return out_path
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"weightweaving": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def deliver(
+    job: Job,
+    results: Iterator[tuple[str, Tensor]],
+    *,
+    out: str | os.PathLike[str] | None,
+    overwrite: bool,
+    shard_size: str | int | None,
+    record: dict[str, Any],
+) -> dict[str, Tensor] | Path:
+    """Stream results into a new output folder (atomically), or collect them as a state dict."""
+    if out is None:
+        return {name: tensor for name, tensor in results}
+    entries = [OutputEntry(u.name, u.shape, u.out_dtype) for u in job.runner.plan.units]
+    record = {**record, "versions": versions(), "notes": job.runner.plan.notes}
+    with SafetensorsWriter(out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite) as writer:
+        for name, tensor in results:
+            writer.write(name, tensor)
+        for extra in job.base.extra_files:
+            writer.copy_file(extra)
+        writer.add_file("weightweaving_config.yaml", yaml.safe_dump(record, sort_keys=False).encode())
+        return writer.commit()
+
+
+def merge(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    method: str = "task_arithmetic",
+    lam: float | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    shard_size: str | int | None = None,
+    overwrite: bool = False,
+    common_only: bool = False,
+    allow_nonfinite: bool = False,
+    workers: int = 1,
+    executor: Executor | None = None,
+    progress: bool | None = None,
+    extras: dict[str, Any] | None = None,
+    **hyperparameters: Any,
+) -> dict[str, Tensor] | Path:
+    """Merge fine-tuned models into their pre-trained base with one method at one λ.
+
+    Args:
+        pretrained: the pre-trained checkpoint: a path (file or folder) or a state dict.
+        finetuned: the fine-tuned checkpoints, paths or state dicts, all of the base's architecture.
+        method: a registered method name (``weightweaving.list_methods()``).
+        lam: the scaling factor λ; ``None`` takes the method's data-free default.
+        out: write a Hugging Face-style folder there instead of returning a state dict.
+        device: ``"cpu"`` or ``"cuda"``; dtype: output dtype (default: the base's, per tensor).
+        compute_dtype: ``float32`` (default) or ``float64``.
+        include, exclude: regular expressions choosing which parameters are merged (others are copied).
+        seed: seeds every random draw (DARE masks); the same seed gives the same bytes.
+        shard_size: largest shard of the output (``"2GB"``); default one file.
+        **hyperparameters: the method's hyperparameters by their canonical names.
+
+    Returns:
+        The merged state dict, or the output folder's path when ``out`` is given.
+
+    Example:
+        >>> import torch, weightweaving
+        >>> base = {"w": torch.zeros(2)}
+        >>> merged = weightweaving.merge(base, [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}],
+        ...                              method="task_arithmetic", lam=0.5)
+        >>> merged["w"]
+        tensor([0.5000, 1.0000])
+    """
+    chosen = get_method(method)
+    p = chosen.parse_params(hyperparameters)
+    lam = chosen.default_lam if lam is None else lam
+    chosen.check_lam(lam)
+    if out is not None:
+        check_output(out, [pretrained, *finetuned], overwrite)
+    job = open_job(
+        pretrained,
+        finetuned,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        common_only=common_only,
+        allow_nonfinite=allow_nonfinite,
+        executor=executor,
+        workers=workers,
+        progress=progress,
+        extras=extras,
+    )
+    try:
+        stats = method_stats(chosen, p, job.runner)
+        unit_fn: Callable[[Tensor, UnitContext], Tensor] = lambda tv, ctx: chosen.merge_unit(  # noqa: E731
+            tv, p, lam, with_stats(ctx, stats)
+        )
+        record = {
+            "operation": "merge",
+            "method": method,
+            "lambda": lam,
+            "hyperparameters": p.model_dump(mode="json"),
+            "pretrained": job.sources[0],
+            "finetuned": job.sources[1:],
+            "seed": seed,
+            "include": list(include or []),
+            "exclude": list(exclude or []),
+            "dtype": str(dtype) if dtype is not None else None,
+        }
+        return deliver(job, job.runner.run(unit_fn), out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+    finally:
+        job.close()

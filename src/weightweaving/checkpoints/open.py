@@ -1,0 +1,86 @@
+"""Open any supported checkpoint: a file, a sharded folder, a Hugging Face model folder or a state dict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import Checkpoint, StateDictCheckpoint
+from .safetensors_file import SafetensorsFile
+from .sharded import ShardedSafetensors
+from .torch_file import TorchFile
+
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+# Non-weight files of a Hugging Face folder that a merged output should carry over.
+CARRIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py.txt", ".yaml", ".yml", ".md")
+NOT_CARRIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "weightweaving_config.yaml"}
+
+Source = str | os.PathLike[str] | Mapping[str, Tensor] | Checkpoint
+
+
+def open_checkpoint(source: Source, *, label: str | None = None) -> Checkpoint:
+    """Open ``source`` lazily.
+
+    Args:
+        source: a ``.safetensors`` file, a ``.pt``/``.bin`` file, a folder (Hugging Face model folder
+            or sharded safetensors), an index JSON, or an in-memory state dict.
+        label: a name for in-memory state dicts, used in error messages.
+
+    Returns:
+        A :class:`Checkpoint`.
+    """
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return StateDictCheckpoint(source, label or "<state dict>")
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError("no such file or folder", path=path)
+    if path.is_dir():
+        return _open_folder(path)
+    name = path.name
+    if name.endswith(".index.json"):
+        if name.startswith("pytorch_model"):
+            raise CheckpointError("sharded .bin checkpoints are not supported; convert them to safetensors", path=path)
+        return ShardedSafetensors(path)
+    if name.endswith(".safetensors"):
+        return SafetensorsFile(path)
+    if name.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return TorchFile(path)
+    # Unknown suffix: sniff the content.
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return SafetensorsFile(path)
+    return TorchFile(path)
+
+
+def _open_folder(folder: Path) -> Checkpoint:
+    for name in WEIGHT_FILES:
+        candidate = folder / name
+        if candidate.is_file():
+            ckpt = open_checkpoint(candidate)
+            ckpt.extra_files = tuple(
+                p
+                for p in sorted(folder.iterdir())
+                if p.is_file() and p.name.endswith(CARRIED_SUFFIXES) and p.name not in NOT_CARRIED
+            )
+            return ckpt
+    singles = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    if len(singles) == 1:
+        return SafetensorsFile(singles[0])
+    raise CheckpointError(
+        "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+        path=folder,
+    )

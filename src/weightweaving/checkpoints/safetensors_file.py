@@ -1,0 +1,145 @@
+"""A safetensors file, read with our own validating header parser and one ``pread`` per tensor.
+
+We parse the header ourselves so that every malformed file gets a precise one-line error, and we read
+each tensor into fresh memory (no mmap), so memory that a merge has finished with goes back at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import Checkpoint, TensorInfo
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    DTYPES["F8_E5M2"] = torch.float8_e5m2
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """Validate a safetensors header. Returns (data start, {name: (dtype, shape, begin, end)}, metadata)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    "not a safetensors file: it is empty" if size == 0 else "not a safetensors file: shorter than 8 bytes",
+                    path=path,
+                )
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER or 8 + header_len > size:
+                raise CheckpointError(
+                    f"corrupt safetensors file: header length {header_len} exceeds the file size {size}", path=path
+                )
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError("corrupt safetensors file: the header is not valid JSON", path=path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("corrupt safetensors file: the header is not a JSON object", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError("corrupt safetensors file: __metadata__ is not an object", path=path)
+    start = 8 + header_len
+    data_len = size - start
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, meta in header.items():
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise CheckpointError("corrupt safetensors file: entry lacks dtype, shape or data_offsets", path=path, parameter=name)
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unsupported dtype '{dtype}'", path=path, parameter=name)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"invalid shape {shape!r}", path=path, parameter=name)
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        ) or not (0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"invalid data_offsets {offsets!r}", path=path, parameter=name)
+        begin, end = offsets
+        if end > data_len:
+            raise CheckpointError(
+                f"data_offsets [{begin}, {end}] run past the end of the data ({data_len} bytes): the file is truncated or corrupt",
+                path=path,
+                parameter=name,
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if numel * itemsize != end - begin:
+            raise CheckpointError(
+                f"shape {tuple(shape)} of {dtype} needs {numel * itemsize} bytes but data_offsets span {end - begin}",
+                path=path,
+                parameter=name,
+            )
+        entries[name] = (dtype, tuple(shape), begin, end)
+    spans = sorted((b, e, n) for n, (_, _, b, e) in entries.items() if e > b)
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise CheckpointError(f"corrupt safetensors file: data of '{n0}' and '{n1}' overlap", path=path)
+    return start, entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+class SafetensorsFile(Checkpoint):
+    """One ``.safetensors`` file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._start, self._entries, self.metadata = parse_header(self.path)
+        self._infos = {n: TensorInfo(s, DTYPES[d]) for n, (d, s, _, _) in self._entries.items()}
+        self._fd: int | None = None
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def get(self, name: str) -> Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        nbytes = end - begin
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < nbytes:
+                n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+                if n <= 0:
+                    raise CheckpointError("the file was truncated while reading", path=self.path, parameter=name)
+                got += n
+        return buf.view(DTYPES[dtype]).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,50 @@
+"""A sharded safetensors checkpoint: ``model.safetensors.index.json`` plus its shard files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import Checkpoint, TensorInfo
+from .safetensors_file import SafetensorsFile
+
+
+class ShardedSafetensors(Checkpoint):
+    def __init__(self, index_path: Path) -> None:
+        self.path = Path(index_path)
+        try:
+            index = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read the shard index: {exc}", path=self.path) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError("shard index has no 'weight_map'", path=self.path)
+        self._shards: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        infos: dict[str, TensorInfo] = {}
+        for shard_name in sorted(set(weight_map.values())):
+            shard_path = self.path.parent / str(shard_name)
+            if "/" in str(shard_name) or "\\" in str(shard_name) or not shard_path.is_file():
+                raise CheckpointError(f"the index names shard '{shard_name}', which is missing", path=self.path)
+            self._shards[shard_name] = SafetensorsFile(shard_path)
+        for name, shard_name in weight_map.items():
+            shard = self._shards[shard_name]
+            if name not in shard.infos():
+                raise CheckpointError(f"the index puts '{name}' in '{shard_name}', which does not hold it", path=self.path)
+            self._where[name] = shard
+            infos[name] = shard.infos()[name]
+        self._infos = infos
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def get(self, name: str) -> Tensor:
+        return self._where[name].get(name)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()

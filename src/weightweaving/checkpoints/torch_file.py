@@ -1,0 +1,60 @@
+"""A PyTorch ``.pt``/``.bin`` state dict, loaded with ``weights_only=True`` only: nothing in it runs."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import Checkpoint, TensorInfo
+
+# Keys under which training scripts commonly nest the weights.
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights", "params")
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return obj
+        if isinstance(obj, dict):
+            inner = [obj[k] for k in NESTED_KEYS if k in obj and isinstance(obj[k], dict)]
+            if len(inner) >= 1:
+                obj = inner[0]
+                continue
+            tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+            if tensors:
+                return tensors
+        break
+    raise CheckpointError("holds no state dict of tensors", path=path)
+
+
+class TorchFile(Checkpoint):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        mmap = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+            raise CheckpointError(
+                "refused: loading it would need full unpickling, which can run code "
+                f"({first[:160]}); convert it to safetensors from a trusted environment",
+                path=self.path,
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"not a readable PyTorch checkpoint: {msg[:200]}", path=self.path) from None
+        self._sd = {str(k): v for k, v in _unwrap(obj, self.path).items()}
+        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._sd.items()}
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def get(self, name: str) -> Tensor:
+        return self._sd[name]

@@ -1,0 +1,30 @@
+"""The one exception type a user's mistake raises; the CLI prints it as a single line."""
+
+from __future__ import annotations
+
+
+class WeightWeavingError(Exception):
+    """A problem the user can fix: a bad file, option or value.
+
+    The message is one line and names the file (and parameter) where there is one. The CLI prints
+    it as ``error: <message>`` with no traceback.
+    """
+
+    def __init__(self, message: str, *, path: object | None = None, parameter: str | None = None) -> None:
+        parts = []
+        if path is not None:
+            parts.append(f"{path}:")
+        if parameter is not None:
+            parts.append(f"parameter '{parameter}'")
+        parts.append(message)
+        super().__init__(" ".join(parts))
+        self.path = path
+        self.parameter = parameter
+
+
+class OptionError(WeightWeavingError):
+    """A bad option or hyperparameter value (names the option)."""
+
+
+class CheckpointError(WeightWeavingError):
+    """A checkpoint that cannot be read or does not fit the others."""

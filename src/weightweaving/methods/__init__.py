@@ -1,0 +1,20 @@
+"""The merge methods. Each module is imported from this one explicit list, which fills the registry."""
+
+from . import (  # noqa: F401  (imported for registration)
+    task_arithmetic,
+    weight_averaging,
+)
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .registry import get_method, list_methods, register
+
+__all__ = [
+    "Hyperparameters",
+    "LamForm",
+    "LamKind",
+    "Method",
+    "Scope",
+    "UnitContext",
+    "get_method",
+    "list_methods",
+    "register",
+]

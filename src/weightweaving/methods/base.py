@@ -1,0 +1,162 @@
+"""What every merge method is: typed hyperparameters, declared metadata and one pure function.
+
+A method sees the task vectors of one unit of work (one parameter tensor) and returns the merged
+task vector for it as a :class:`LamForm` ``offset + λ·slope``. Every method of the library is
+linear (``offset is None``), affine (CART) or constant in λ (weight averaging: ``slope is None``),
+which is what lets Weight Weaving pool any number of λ values at the cost of one merge.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+R = TypeVar("R")
+
+
+class Hyperparameters(BaseModel):
+    """Base of every method's hyperparameters: a typo or a bad value is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scope(str, enum.Enum):
+    """Over what a method computes its statistics (ALGORITHMS.md, conventions)."""
+
+    ELEMENTWISE = "per-parameter"  # no statistic shared between entries; any chunking is exact
+    TENSOR = "tensor"  # a statistic per parameter tensor (top-k threshold, SVD)
+    ROW = "row"  # per slice along the last dimension
+    GLOBAL = "global"  # one statistic over all merged parameters, flattened in sorted-name order
+
+
+class LamKind(str, enum.Enum):
+    """How λ enters the merged task vector."""
+
+    LINEAR = "linear"  # M(λ) = λ·g(Δ)
+    AFFINE = "affine"  # M(λ) = a(Δ) + λ·b(Δ)
+    NONE = "none"  # no λ: M = a(Δ)
+
+
+@dataclass(frozen=True)
+class LamForm:
+    """A merged task vector as a function of λ: ``offset + lam * slope`` (either part may be absent)."""
+
+    offset: Tensor | None
+    slope: Tensor | None
+
+    def at(self, lam: float) -> Tensor:
+        """The merged task vector at one λ (a new tensor)."""
+        if self.slope is None:
+            assert self.offset is not None
+            return self.offset.clone()
+        if self.offset is None:
+            return self.slope * lam
+        return self.offset + lam * self.slope
+
+
+# scan(fn) runs fn(task_vectors, ctx) over every unit of the merge, in sorted parameter-name order,
+# and returns the list of results. Global-scope methods use it for their first passes.
+Scanner = Callable[[Callable[[Tensor, "UnitContext"], R]], list[R]]
+
+
+def seed_for(seed: int, *salt: object) -> int:
+    """A 63-bit seed derived from the user's seed and any salt (parameter name, task index)."""
+    text = ":".join([str(seed), *map(str, salt)]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """Everything a method may know about the unit besides its tensors."""
+
+    name: str
+    seed: int = 0
+    stats: Any = None  # what the method's global_stats returned, for global scope
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. exemplar features (later methods)
+
+    def generator(self, *salt: object) -> torch.Generator:
+        """A CPU generator seeded from (seed, parameter name, salt): the same on every executor."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed_for(self.seed, self.name, *salt))
+        return gen
+
+
+class Method:
+    """A merge method: a small pure function plus what it declares about itself.
+
+    Subclasses set the class attributes and implement :meth:`compute`. ``compute`` must not modify
+    its inputs, cast dtypes, or do any I/O.
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[type[Hyperparameters]] = Hyperparameters
+    lam_kind: ClassVar[LamKind] = LamKind.LINEAR
+    scope: ClassVar[Scope] = Scope.ELEMENTWISE
+    default_lam: ClassVar[float | None] = 1.0
+    lam_min: ClassVar[float | None] = None  # smallest allowed λ (None: any real number)
+    # The paper's λ search range per setup (multitask, continual, domain), step 0.1, ends included.
+    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    # True when the method gives back the single model for T = 1 at its default λ.
+    single_model_identity: ClassVar[bool] = True
+    # True when permuting the fine-tuned models leaves the result unchanged (up to float rounding).
+    order_invariant: ClassVar[bool] = True
+    # True when the method draws random numbers (DARE): results depend on the seed.
+    stochastic: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def scope_of(self, p: Hyperparameters) -> Scope:
+        """The scope for these hyperparameters (methods with a ``scope`` option override this)."""
+        chosen = getattr(p, "scope", None)
+        return Scope(chosen) if chosen is not None else self.scope
+
+    def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> Any:
+        """First passes over the whole model for global scope; the result reaches ``ctx.stats``."""
+        return None
+
+    def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
+        """The merged task vector of one unit. ``task_vectors``: (T, *shape), float, read-only."""
+        raise NotImplementedError  # pragma: no cover - every registered method overrides it
+
+    # -- helpers for the rest of the library ------------------------------------------------------
+    def parse_params(self, values: dict[str, Any] | None = None) -> Hyperparameters:
+        """Validate hyperparameters, raising :class:`OptionError` that names the option."""
+        from ..errors import OptionError
+
+        try:
+            return self.params(**(values or {}))
+        except Exception as exc:  # pydantic.ValidationError
+            raise OptionError(_describe_validation(self.name, exc)) from None
+
+    def check_lam(self, lam: float | None) -> None:
+        from ..errors import OptionError
+
+        if self.lam_kind is LamKind.NONE:
+            return
+        if lam is None:
+            raise OptionError(f"method '{self.name}' needs a λ (--lambda)")
+        if self.lam_min is not None and lam < self.lam_min:
+            raise OptionError(f"--lambda {lam} is out of range for '{self.name}': must be >= {self.lam_min}")
+
+    def merge_unit(self, task_vectors: Tensor, p: Hyperparameters, lam: float | None, ctx: UnitContext) -> Tensor:
+        """``compute`` evaluated at one λ."""
+        form = self.compute(task_vectors, p, ctx)
+        return form.at(1.0 if lam is None else lam)
+
+
+def _describe_validation(method: str, exc: Exception) -> str:
+    errors: Sequence[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return f"method '{method}': {exc}"
+    first = errors[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or "?"
+    if first.get("type") == "extra_forbidden":
+        return f"method '{method}' has no hyperparameter '{loc}'"
+    value = first.get("input")
+    return f"method '{method}': hyperparameter '{loc}'={value!r}: {first.get('msg', 'invalid')}"
