@@ -8,5 +8,6 @@ from .api import merge
 from .checkpoints import open_checkpoint
 from .errors import WeightWeavingError
 from .methods import get_method, list_methods
+from .weaving import weave
 
-__all__ = ["WeightWeavingError", "__version__", "get_method", "list_methods", "merge", "open_checkpoint"]
+__all__ = ["WeightWeavingError", "__version__", "get_method", "list_methods", "merge", "open_checkpoint", "weave"]

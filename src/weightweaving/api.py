@@ -155,7 +155,7 @@ def check_output(out: str | os.PathLike[str], sources: Sequence[Source], overwri
 def versions() -> dict[str, str]:
     from . import __version__
 
-    return {"weightweaving": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"weightweaving": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def deliver(

@@ -113,8 +113,8 @@ class Runner:
             merged = unit_fn(task_vectors, self.context(unit))
             if tuple(merged.shape) != unit.shape:
                 raise RuntimeError(f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}")
-            out = base.add_(merged.to(base.dtype))
-            return out.to("cpu", unit.out_dtype) if out.dtype != unit.out_dtype or out.device.type != "cpu" else out
+            out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
+            return out.to("cpu", unit.out_dtype)
 
         total = sum(u.numel * u.base_dtype.itemsize * (len(self.models) + 1 if u.merge else 1) for u in self.plan.units)
         with self._bar(total, desc) as bar:

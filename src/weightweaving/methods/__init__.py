@@ -1,7 +1,11 @@
 """The merge methods. Each module is imported from this one explicit list, which fills the registry."""
 
 from . import (  # noqa: F401  (imported for registration)
+    cart,
+    iso_c,
+    iso_cts,
     task_arithmetic,
+    tsv,
     weight_averaging,
 )
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext

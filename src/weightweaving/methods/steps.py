@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .base import Scanner, UnitContext
 
 
 def weighted_sum(task_vectors: Tensor, weights: Sequence[float] | None) -> Tensor:
@@ -28,3 +32,195 @@ def check_weights(weights: Sequence[float] | None, num_tasks: int, method: str) 
         raise OptionError(
             f"method '{method}': 'weights' has {len(weights)} values but there are {num_tasks} fine-tuned models"
         )
+
+
+# -- steps of the SVD methods (TSV, ISO-C, ISO-CTS, CART) -------------------------------------------
+
+
+def is_weight_matrix(task_vectors: Tensor) -> bool:
+    """True when the parameter is a non-empty 2-D matrix: task vectors (T, m, n)."""
+    return task_vectors.ndim == 3 and min(task_vectors.shape[1:]) > 0
+
+
+def name_matches(pattern: str | None, name: str) -> bool:
+    """``re.search(pattern, name)``; an empty or absent pattern matches nothing."""
+    import re
+
+    if not pattern:
+        return False
+    return re.search(pattern, name) is not None
+
+
+def check_regex(pattern: str | None) -> str | None:
+    """A pydantic validator body: refuse a pattern that does not compile."""
+    import re
+
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U S Vᵀ`` of one matrix or a stack, in the input's precision and on its device.
+
+    (..., m, n) -> U (..., m, p), S (..., p), Vᵀ (..., p, n) with p = min(m, n), S descending.
+    """
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    return u, s, vh
+
+
+def low_rank(u: Tensor, s: Tensor, vh: Tensor, k: int) -> Tensor:
+    """The rank-k truncation ``U_k diag(S_k) V_kᵀ`` of a (stack of) thin SVD(s). -> (..., m, n)."""
+    return (u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]
+
+
+def polar_factor(matrix: Tensor) -> Tensor:
+    """The orthogonal polar factor ``P Qᵀ`` of ``A = P Σ Qᵀ``: the nearest matrix with orthonormal
+    columns (or rows), as TSV and ISO-CTS orthogonalise their stacked singular vectors. (m, n) -> (m, n)."""
+    p, _, qh = thin_svd(matrix)
+    return p @ qh
+
+
+def task_blocks(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's top-r singular triplets side by side, task t in slots ``t·r … (t+1)·r − 1``.
+
+    u (T, m, p), s (T, p), vh (T, p, n) -> U (m, T·r), S (T·r), Vᵀ (T·r, n).
+    """
+    num_tasks, m, _ = u.shape
+    stacked_u = u[..., :r].permute(1, 0, 2).reshape(m, num_tasks * r)  # (m, T·r)
+    stacked_s = s[:, :r].reshape(num_tasks * r)  # (T·r)
+    stacked_vh = vh[:, :r, :].reshape(num_tasks * r, vh.shape[-1])  # (T·r, n)
+    return stacked_u, stacked_s, stacked_vh
+
+
+def orthogonal_reassembly(stacked_u: Tensor, stacked_s: Tensor, stacked_vh: Tensor) -> Tensor:
+    """``polar(Û) · diag(ŝ) · polar(V̂ᵀ)``: reassemble stacked singular triplets after making the
+    stacked vectors orthonormal (TSV-Merge, Gargiulo et al., CVPR 2025; ISO-CTS). -> (m, n)."""
+    return (polar_factor(stacked_u) * stacked_s) @ polar_factor(stacked_vh)
+
+
+# -- exact order statistics, in memory or streamed over a whole model (TIES, PCB) -------------------
+
+OrderRanks = Sequence[Sequence[int]] | Callable[[list[int]], Sequence[Sequence[int]]]
+
+
+def order_statistics(values: Tensor, ranks: Sequence[Sequence[int]]) -> list[Tensor]:
+    """The values at 0-based ``ranks`` of each row sorted ascending (``kthvalue(k)`` is rank k − 1).
+
+    values (R, n) -> one 1-D tensor per row, on the values' device.
+    """
+    ordered = values.sort(dim=1).values  # (R, n)
+    return [ordered[row, list(row_ranks)] for row, row_ranks in enumerate(ranks)]
+
+
+_DIGIT = 16  # bits of the key resolved per radix-select scan
+_BINS = 1 << _DIGIT
+
+
+def ordered_keys(values: Tensor) -> tuple[Tensor, int]:
+    """Signed integers that sort exactly as the floats do, and the floats' width in bits.
+
+    A non-negative float's IEEE bit pattern already sorts as an integer; flipping every bit but the
+    sign of a negative one reverses its order. (*s) float32/float64 -> (*s) int64.
+    """
+    values = values.contiguous() + 0.0  # -0.0 -> +0.0
+    if values.dtype == torch.float64:
+        bits, width = values.view(torch.int64), 64
+    elif values.dtype == torch.float32:
+        bits, width = values.view(torch.int32), 32
+    else:
+        raise TypeError(f"order statistics need float32 or float64 values, not {values.dtype}")
+    keys = bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+    return keys.to(torch.int64), width
+
+
+def _key_to_value(key: int, width: int) -> Tensor:
+    """The float whose ordered key is ``key`` (the inverse of :func:`ordered_keys`)."""
+    bits = key ^ ((1 << (width - 1)) - 1) if key < 0 else key
+    if width == 64:
+        return torch.tensor([bits], dtype=torch.int64).view(torch.float64)[0]
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
+
+
+def streamed_order_statistics(
+    scan: Scanner[Any],
+    values: Callable[[Tensor, UnitContext], Tensor],
+    ranks: OrderRanks,
+) -> list[Tensor]:
+    """Exact order statistics of R streams of floats spread over every unit of a model.
+
+    ``values(task_vectors, ctx)`` gives the (R, n_unit) floats of one unit (no NaN); row r of every
+    unit belongs to stream r, as if the units were concatenated. ``ranks`` holds 0-based positions
+    in each stream sorted ascending (``torch.kthvalue(k)`` is rank k − 1), or is a function of the
+    stream lengths returning them. Radix select on the floats' ordered bit patterns, 16 bits per
+    scan (2 scans for float32, 4 for float64): a scan keeps one 65536-bin histogram per stream and
+    wanted key prefix, never the values, and the result equals sorting the concatenation.
+    Returns one 1-D tensor per stream (CPU, the values' dtype), in the order of its ranks.
+    """
+    lock = threading.Lock()
+    widths: set[int] = set()
+
+    def histogram_scan(level: int, prefixes: list[list[int]] | None) -> list[Tensor]:
+        """Counts of the key's digit ``level`` per stream, among keys starting with a wanted prefix."""
+        totals: dict[int, Tensor] = {}
+
+        def one(task_vectors: Tensor, ctx: UnitContext) -> None:
+            keys, width = ordered_keys(values(task_vectors, ctx))  # (R, n_unit)
+            shift = width - _DIGIT * (level + 1)
+            local = []
+            for row in range(keys.shape[0]):
+                row_keys = keys[row]
+                if prefixes is None:  # the top digit, shifted to be non-negative
+                    slot, blocks = (row_keys >> shift) + _BINS // 2, 1
+                else:
+                    wanted = torch.tensor(prefixes[row], dtype=torch.int64, device=keys.device)  # sorted
+                    high = row_keys >> (shift + _DIGIT)
+                    where = torch.searchsorted(wanted, high).clamp_(max=max(len(wanted) - 1, 0))
+                    hit = wanted[where] == high if len(wanted) else torch.zeros_like(high, dtype=torch.bool)
+                    slot = where[hit] * _BINS + ((row_keys[hit] >> shift) & (_BINS - 1))
+                    blocks = len(wanted)
+                local.append(torch.bincount(slot, minlength=blocks * _BINS).cpu())
+            with lock:
+                widths.add(width)
+                for row, counts in enumerate(local):
+                    totals[row] = totals[row] + counts if row in totals else counts
+
+        scan(one)
+        if len(widths) != 1:
+            raise ValueError("order statistics need at least one unit, all of one float dtype")
+        return [totals[row] for row in range(len(totals))]
+
+    counts = histogram_scan(0, None)
+    width = widths.pop()
+    lengths = [int(c.sum()) for c in counts]
+    wanted_ranks = [list(r) for r in (ranks(lengths) if callable(ranks) else ranks)]
+    if len(wanted_ranks) != len(lengths):
+        raise ValueError(f"order statistics: {len(wanted_ranks)} rank lists for {len(lengths)} streams")
+    for row, (row_ranks, n) in enumerate(zip(wanted_ranks, lengths, strict=True)):
+        if any(not 0 <= r < n for r in row_ranks):
+            raise ValueError(f"order statistics: a rank of stream {row} is outside 0..{n - 1}")
+    # per wanted rank: (the key's digits found so far, the rank among keys with those digits)
+    found = [[(0, r) for r in row_ranks] for row_ranks in wanted_ranks]
+    level = 0
+    while True:
+        for row, row_found in enumerate(found):
+            blocks = sorted({prefix for prefix, _ in row_found})
+            for j, (prefix, rank) in enumerate(row_found):
+                block = blocks.index(prefix) if level else 0
+                cum = counts[row][block * _BINS : (block + 1) * _BINS].cumsum(0)  # (65536,)
+                digit = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
+                below = int(cum[digit - 1]) if digit else 0
+                key = digit - _BINS // 2 if level == 0 else prefix * _BINS + digit
+                row_found[j] = (key, rank - below)
+        level += 1
+        if _DIGIT * level >= width:
+            break
+        counts = histogram_scan(level, [sorted({prefix for prefix, _ in row_found}) for row_found in found])
+    dtype = torch.float64 if width == 64 else torch.float32
+    return [
+        torch.stack([_key_to_value(key, width) for key, _ in row_found]) if row_found else torch.empty(0, dtype=dtype)
+        for row_found in found
+    ]

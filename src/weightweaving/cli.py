@@ -1,0 +1,229 @@
+"""The command line: parse, call the API, print one line on a user's mistake. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import MergeOptions, load_yaml, run_options, validate
+from .errors import OptionError, WeightWeavingError
+
+MERGE_EPILOG = """examples:
+  weightweaving merge --base pre/ --models ft1/ ft2/ --method task_arithmetic --lambda 0.3 --out merged/
+  weightweaving merge --base pre.safetensors --models a.safetensors b.safetensors \\
+      --method ties --set k=0.2 --weave --lambdas 0.1:1.5:0.1 --pool mean --out woven/
+  weightweaving merge --base pre/ --models ft*/ --method ties --weave --search k=0.1,0.2,0.3 --out woven/
+  weightweaving merge config.yaml            (same options as YAML; flags given override it)
+"""
+
+# flag -> options field, for flags whose value is stored as given
+FLAGS = {
+    "base": "base",
+    "models": "models",
+    "method": "method",
+    "lam": "lambda",
+    "out": "out",
+    "device": "device",
+    "dtype": "dtype",
+    "compute_dtype": "compute_dtype",
+    "shard_size": "shard_size",
+    "include": "include",
+    "exclude": "exclude",
+    "seed": "seed",
+    "workers": "workers",
+}
+SWITCHES = ("overwrite", "common_only", "allow_nonfinite")
+RESERVED = {"seed", "out", "device", "dtype", "lam", "lambda", "method", "include", "exclude"}
+
+
+def _help(field: str) -> str:
+    info = MergeOptions.model_fields[field]
+    default = info.default
+    extra = f" (default: {default})" if default not in (None, [], {}, False) and not callable(default) else ""
+    return f"{info.description}{extra}"
+
+
+def _parse_assignment(text: str, option: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise OptionError(f"{option} '{text}' must look like NAME=VALUE")
+    return name.strip(), value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightweaving",
+        description="Merge fine-tuned models into their pre-trained base without data, with Weight Weaving.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'weightweaving COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"weightweaving {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser(
+        "merge",
+        help="merge checkpoints (one λ, or Weight Weaving with --weave)",
+        description="Merge fine-tuned checkpoints into their pre-trained base, tensor by tensor.",
+        epilog=MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("config", nargs="?", help="a YAML config with the same options (flags override it)")
+    m.add_argument("--base", help=_help("base"))
+    m.add_argument("--models", nargs="+", metavar="PATH", help=_help("models"))
+    m.add_argument("--method", help=_help("method"))
+    m.add_argument("--lambda", dest="lam", type=float, metavar="X", help=_help("lam"))
+    m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter of the method (repeatable)")
+    m.add_argument("--out", help=_help("out"))
+    m.add_argument("--device", help=_help("device"))
+    m.add_argument("--dtype", help=_help("dtype"))
+    m.add_argument("--compute-dtype", help=_help("compute_dtype"))
+    m.add_argument("--shard-size", help=_help("shard_size"))
+    m.add_argument("--include", nargs="+", metavar="REGEX", help=_help("include"))
+    m.add_argument("--exclude", nargs="+", metavar="REGEX", help=_help("exclude"))
+    m.add_argument("--seed", type=int, help=_help("seed"))
+    m.add_argument("--workers", type=int, help=_help("workers"))
+    m.add_argument("--overwrite", action="store_true", default=None, help=_help("overwrite"))
+    m.add_argument("--common-only", action="store_true", default=None, help=_help("common_only"))
+    m.add_argument("--allow-nonfinite", action="store_true", default=None, help=_help("allow_nonfinite"))
+    w = m.add_argument_group("Weight Weaving")
+    w.add_argument("--weave", action="store_true", help="pool merges over a search space instead of one λ")
+    w.add_argument("--lambdas", metavar="SPEC", help="λ search space: start:stop:step or a,b,c (default: the paper's range)")
+    w.add_argument("--pool", help="mean (default), random, magmax, or a method name")
+    w.add_argument("--pool-set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter of a method pool")
+    w.add_argument("--pool-over", choices=["all", "merged"], help="all: task vectors and merged vectors (default); merged: merged only")
+    w.add_argument("--setup", choices=["multitask", "continual", "domain"], help="whose paper λ range to default to")
+    w.add_argument("--search", action="append", default=[], metavar="NAME=v1,v2", help="search over another hyperparameter (repeatable: a grid)")
+    _common(m)
+
+    meth = sub.add_parser("methods", help="list the merge methods, their hyperparameters and λ ranges")
+    meth.add_argument("name", nargs="?", help="show one method only")
+    _common(meth)
+
+    s = sub.add_parser(
+        "suite",
+        help="run the built-in experiment suite (the paper's three setups, on CPU)",
+        description="Pre-train a small CLIP-like ViT, fine-tune it on eight tasks and compare every method at its "
+        "tuned λ, at λ = 1 and with Weight Weaving, in the paper's three setups.",
+    )
+    s.add_argument("--quick", action="store_true", help="the small profile (CI): under two minutes")
+    s.add_argument("--seed", type=int, default=0, help="seed of data, training and merging (default: 0)")
+    s.add_argument("--out", default="runs/suite", help="run folder (default: runs/suite)")
+    _common(s)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", help="log details")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _merge_options(args: argparse.Namespace) -> MergeOptions:
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    source = args.config or "command line"
+    for attr, key in FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            values[key] = value
+    for switch in SWITCHES:
+        if getattr(args, switch):
+            values[switch] = True
+    hyper = dict(values.get("hyperparameters") or {})
+    for item in args.set:
+        name, value = _parse_assignment(item, "--set")
+        if name in RESERVED:
+            raise OptionError(f"--set {name}: '{name}' is an option of its own (--{name.replace('_', '-')}), not a hyperparameter")
+        hyper[name] = _scalar(value)
+    if hyper:
+        values["hyperparameters"] = hyper
+    weave_flags = args.weave or args.lambdas or args.pool or args.pool_over or args.setup or args.search or args.pool_set
+    if weave_flags:
+        if not args.weave and "weave" not in values:
+            raise OptionError("--lambdas, --pool, --pool-over, --setup and --search need --weave")
+        weave = dict(values.get("weave") or {})
+        for attr in ("lambdas", "pool", "pool_over", "setup"):
+            if getattr(args, attr) is not None:
+                weave[attr] = getattr(args, attr)
+        if args.search:
+            grid = dict(weave.get("search") or {})
+            for item in args.search:
+                name, value = _parse_assignment(item, "--search")
+                grid[name] = [_scalar(v) for v in value.split(",") if v.strip()]
+                if not grid[name]:
+                    raise OptionError(f"--search {name}: the list of values is empty")
+            weave["search"] = grid
+        if args.pool_set:
+            ph = dict(weave.get("pool_hyperparameters") or {})
+            for item in args.pool_set:
+                name, value = _parse_assignment(item, "--pool-set")
+                ph[name] = _scalar(value)
+            weave["pool_hyperparameters"] = ph
+        values["weave"] = weave
+    return validate(values, source)
+
+
+def _print_methods(name: str | None) -> None:
+    from .methods import get_method, list_methods
+
+    names = [name] if name else list_methods()
+    for n in names:
+        method = get_method(n)
+        lam = "no λ" if method.default_lam is None else f"default λ {method.default_lam}"
+        print(f"{n}: {method.summary}")
+        print(f"    λ: {method.lam_kind.value}, {lam}; scope: {method.scope.value}")
+        if method.paper_lam_ranges:
+            ranges = ", ".join(f"{k} {a}–{b}" for k, (a, b) in method.paper_lam_ranges.items())
+            print(f"    paper λ ranges: {ranges}")
+        for field, info in method.params.model_fields.items():
+            default = info.default if not info.is_required() else "(required)"
+            print(f"    --set {field}={default}    {info.description or ''}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.command == "merge":
+            options = _merge_options(args)
+            out = run_options(options)
+            print(f"wrote {out}")
+        elif args.command == "methods":
+            _print_methods(args.name)
+        elif args.command == "suite":
+            from .suite import run_suite
+
+            run = run_suite(quick=args.quick, seed=args.seed, out=args.out)
+            print(f"report: {run / 'report.md'}")
+        return 0
+    except WeightWeavingError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; try --workers 1 or a smaller --compute-dtype", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""ISO-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging ``iso_c``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .registry import register
+from .steps import check_regex, is_weight_matrix, mean_over_tasks, name_matches, thin_svd
+
+
+class IsoCParams(Hyperparameters):
+    svd_exclude: str | None = Field(
+        "text_projection",
+        description="regex (re.search) on parameter names: matching 2-D parameters are averaged, "
+        "not SVD-merged; the reference skips names containing 'text_projection'; '' or None skips none",
+    )
+
+    _check_svd_exclude = field_validator("svd_exclude")(check_regex)
+
+
+@register("iso_c")
+class IsoC(Method):
+    """Per weight matrix, the sum of the task vectors with a flat spectrum: ``Σ_t Δ_t = U S Vᵀ`` →
+    ``M = λ · mean(S) · U Vᵀ`` (ISO-C, Sec. 4). Other parameters: λ times the mean task vector."""
+
+    params = IsoCParams
+    lam_kind = LamKind.LINEAR
+    scope = Scope.TENSOR
+    default_lam = 1.0
+    lam_min = 0.0
+    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "multitask": (0.1, 2.0),
+        "continual": (0.1, 1.0),
+        "domain": (0.1, 1.0),
+    }
+    single_model_identity = False  # flattening the spectrum changes even a single task vector
+    order_invariant = True
+    summary = "isotropic merging: the summed task matrix with all singular values set to their mean"
+
+    def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
+        assert isinstance(p, IsoCParams)
+        if not is_weight_matrix(task_vectors) or name_matches(p.svd_exclude, ctx.name):
+            return LamForm(offset=None, slope=mean_over_tasks(task_vectors))
+        u, s, vh = thin_svd(task_vectors.sum(0))  # (m, p), (p), (p, n)
+        return LamForm(offset=None, slope=s.mean() * (u @ vh))

@@ -1,0 +1,62 @@
+"""Checkpoints cached by a hash of their recipe, so a second run only merges and evaluates."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CACHE_VERSION = 1  # bump when training code changes what a recipe produces
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    return value
+
+
+def recipe_key(kind: str, **parts: Any) -> str:
+    """A short hex digest of everything that decides a checkpoint (dataclasses are expanded)."""
+    text = json.dumps({"kind": kind, "version": CACHE_VERSION, **_plain(parts)}, sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "weightweaving" / "suite"
+
+
+class CheckpointCache:
+    """State dicts stored as ``<dir>/<key>.safetensors``; writes are atomic (temp file + rename)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def get_or_make(self, key: str, make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        path = self.path(key)
+        if path.exists():
+            self.hits += 1
+            return load_file(path)
+        self.misses += 1
+        state = make()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+        return state

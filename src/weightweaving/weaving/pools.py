@@ -1,0 +1,167 @@
+"""Pooling functions of Weight Weaving, folded member group by member group.
+
+Members arrive as groups ``(form, lams)``: a :class:`LamForm` ``offset + λ·slope`` and the λ values at
+which it is a member (a task vector is a group of one with no slope). Each pool keeps a running state
+the size of one tensor, so memory does not grow with the search space, and a linear or affine method
+contributes all its λ members in one step (the closed forms of ALGORITHMS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import OptionError
+from ..methods.base import LamForm, UnitContext
+
+
+class Pool:
+    """Folds members into one merged task vector for one unit."""
+
+    name = ""
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def result(self) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+
+def _member(form: LamForm, lam: float | None) -> Tensor:
+    return form.at(1.0 if lam is None else lam) if form.slope is not None else form.offset  # type: ignore[return-value]
+
+
+class MeanPool(Pool):
+    """Arithmetic mean of the members: Σ (offset + λ·slope) = n·offset + (Σλ)·slope per group."""
+
+    name = "mean"
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.total = torch.zeros_like(like)
+        self.count = num_members
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if form.offset is not None:
+            self.total.add_(form.offset, alpha=float(len(lams)))
+        if form.slope is not None:
+            self.total.add_(form.slope, alpha=float(sum(1.0 if lam is None else lam for lam in lams)))
+
+    def result(self) -> Tensor:
+        return self.total.div_(self.count)
+
+
+class MagMaxPool(Pool):
+    """Per entry the member of largest magnitude; on equal magnitude the later member wins.
+
+    Within a group only the extreme λ can win: ``|λ·g|`` is largest at the largest ``|λ|``, and
+    ``|a + λ·b|`` is convex in λ, so its maximum is at the smallest or the largest λ.
+    """
+
+    name = "magmax"
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.best: Tensor | None = None
+
+    def _fold(self, value: Tensor) -> None:
+        if self.best is None:
+            self.best = value.clone()
+        else:
+            self.best = torch.where(value.abs() >= self.best.abs(), value, self.best)
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if form.slope is None:
+            self._fold(form.offset)  # type: ignore[arg-type]  # every member of the group is equal
+            return
+        values = [1.0 if lam is None else lam for lam in lams]
+        if form.offset is None:
+            top = max(abs(v) for v in values)
+            candidates = [i for i, v in enumerate(values) if abs(v) == top]
+        else:
+            low, high = min(values), max(values)
+            candidates = sorted({max(i for i, v in enumerate(values) if v == low), max(i for i, v in enumerate(values) if v == high)})
+        for i in candidates:  # member order, so later members still win ties
+            self._fold(form.at(values[i]))
+
+    def result(self) -> Tensor:
+        assert self.best is not None
+        return self.best
+
+
+class RandomPool(Pool):
+    """Per entry one member drawn uniformly at random (seeded from the seed and parameter name)."""
+
+    name = "random"
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        gen = ctx.generator("weave-random-pool")
+        self.choice = torch.randint(num_members, tuple(like.shape), generator=gen, dtype=torch.int64).to(like.device)
+        self.out = torch.zeros_like(like)
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        local = self.choice - first_index
+        mask = (local >= 0) & (local < len(lams))
+        if not bool(mask.any()):
+            return
+        if form.slope is None:
+            self.out = torch.where(mask, form.offset, self.out)  # type: ignore[arg-type]
+            return
+        lam_table = torch.tensor([1.0 if lam is None else lam for lam in lams], dtype=self.out.dtype, device=self.out.device)
+        lam_each = lam_table[local.clamp(0, len(lams) - 1)]
+        value = lam_each * form.slope if form.offset is None else form.offset + lam_each * form.slope
+        self.out = torch.where(mask, value, self.out)
+
+    def result(self) -> Tensor:
+        return self.out
+
+
+class MethodPool(Pool):
+    """Any registered merge method applied to the members as task vectors, at λ = 1.
+
+    The method needs all members of the unit at once, so this pool holds them (N tensors).
+    """
+
+    def __init__(self, method_name: str, hyperparameters: dict[str, Any] | None = None) -> None:
+        from ..methods import get_method
+
+        self.method = get_method(method_name)
+        self.params = self.method.parse_params(hyperparameters or {})
+        self.name = method_name
+        self.stats: Any = None
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.members: list[Tensor] = []
+        self.ctx = ctx
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        self.members.extend(_member(form, lam) for lam in lams)
+
+    def result(self) -> Tensor:
+        import dataclasses
+
+        stacked = torch.stack(self.members)  # (N, *shape)
+        self.members = []
+        ctx = dataclasses.replace(self.ctx, stats=self.stats)
+        return self.method.merge_unit(stacked, self.params, 1.0, ctx)
+
+
+BUILTIN_POOLS: dict[str, Callable[[], Pool]] = {"mean": MeanPool, "random": RandomPool, "magmax": MagMaxPool}
+
+
+def make_pool(name: str, hyperparameters: dict[str, Any] | None = None) -> Pool:
+    """A built-in pool (``mean``, ``random``, ``magmax``) or a registered method used as a pool."""
+    if name in BUILTIN_POOLS:
+        if hyperparameters:
+            raise OptionError(f"pool '{name}' takes no hyperparameters")
+        return BUILTIN_POOLS[name]()
+    from ..methods import list_methods
+
+    if name not in list_methods():
+        valid = ", ".join([*BUILTIN_POOLS, *list_methods()])
+        raise OptionError(f"unknown pool '{name}'; valid pools: {valid}")
+    return MethodPool(name, hyperparameters)

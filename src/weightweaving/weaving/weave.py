@@ -1,0 +1,192 @@
+"""Weight Weaving (Chaves, Valle, Avila 2025, Algorithm 1) over any registered method, in one pass.
+
+θ = θ_pre + P(A*) with A* = Δ ∪ {f(Δ, λ_i)} (``pool_over="all"``) or A = {f(Δ, λ_i)} (``"merged"``).
+Per parameter tensor, members are produced and folded into the pool straight away; a method that is
+linear or affine in λ is called once per group of points that differ only in λ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..api import deliver, method_stats, open_job, with_stats
+from ..checkpoints.open import Source
+from ..engine import Executor
+from ..errors import OptionError
+from ..methods import LamForm, UnitContext, get_method
+from ..methods.base import Scope
+from .pools import MethodPool, Pool, make_pool
+from .search import Group, build_groups, parse_lambdas
+
+POOL_OVER = ("all", "merged")
+
+
+class Weaver:
+    """The per-unit function of a weave: members of one tensor, folded into a pool."""
+
+    def __init__(
+        self,
+        method_name: str,
+        groups: Sequence[Group],
+        pool: Pool,
+        pool_over: str,
+        *,
+        closed_form: bool = True,
+    ) -> None:
+        if pool_over not in POOL_OVER:
+            raise OptionError(f"--pool-over '{pool_over}' is not one of: {', '.join(POOL_OVER)}")
+        self.method = get_method(method_name)
+        self.groups = list(groups)
+        self.params = [self.method.parse_params(g.hyperparameters) for g in self.groups]
+        self.pool = pool
+        self.pool_over = pool_over
+        self.closed_form = closed_form
+        self.stats: list[Any] = [None] * len(self.groups)
+
+    @property
+    def num_merged(self) -> int:
+        return sum(len(g.lams) for g in self.groups)
+
+    def prepare(self, runner: Any) -> None:
+        """First passes: each group's global statistics, then (for a global pool method) the pool's."""
+        self.stats = [method_stats(self.method, p, runner) for p in self.params]
+        if isinstance(self.pool, MethodPool) and self.pool.method.scope_of(self.pool.params) is Scope.GLOBAL:
+
+            def member_scan(fn: Any) -> list[Any]:
+                return runner.scan(lambda tv, ctx: fn(self.members(tv, ctx), ctx), desc="scanning members")
+
+            self.pool.stats = self.pool.method.global_stats(member_scan, self.pool.params, runner.seed)
+
+    def _member_groups(self, task_vectors: Tensor, ctx: UnitContext) -> Any:
+        """Yield ``(form, lams)`` in member order: task vectors first (for ``all``), then Λ."""
+        if self.pool_over == "all":
+            for t in range(task_vectors.shape[0]):
+                yield LamForm(offset=task_vectors[t], slope=None), (None,)
+        for group, p, stats in zip(self.groups, self.params, self.stats, strict=True):
+            unit_ctx = with_stats(ctx, stats)
+            if self.closed_form:
+                yield self.method.compute(task_vectors, p, unit_ctx), group.lams
+            else:  # the general path: f evaluated afresh at every point
+                for lam in group.lams:
+                    yield LamForm(offset=self.method.merge_unit(task_vectors, p, lam, unit_ctx), slope=None), (lam,)
+
+    def members(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
+        """Every member of A* stacked (N, *shape); for global pool statistics and for tests."""
+        out = []
+        for form, lams in self._member_groups(task_vectors, ctx):
+            out.extend(form.at(1.0 if lam is None else lam) if form.slope is not None else form.offset for lam in lams)
+        return torch.stack(out)
+
+    def __call__(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
+        num = self.num_merged + (task_vectors.shape[0] if self.pool_over == "all" else 0)
+        self.pool.begin(num, task_vectors[0], ctx)
+        index = 0
+        for form, lams in self._member_groups(task_vectors, ctx):
+            self.pool.add(form, lams, index)
+            index += len(lams)
+        return self.pool.result()
+
+
+def weave(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    method: str = "task_arithmetic",
+    lambdas: str | float | Sequence[float] | None = None,
+    *,
+    pool: str = "mean",
+    pool_over: str = "all",
+    setup: str = "multitask",
+    search: Mapping[str, Sequence[Any]] | None = None,
+    points: Sequence[Mapping[str, Any]] | None = None,
+    pool_hyperparameters: dict[str, Any] | None = None,
+    closed_form: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    shard_size: str | int | None = None,
+    overwrite: bool = False,
+    common_only: bool = False,
+    allow_nonfinite: bool = False,
+    workers: int = 1,
+    executor: Executor | None = None,
+    progress: bool | None = None,
+    **hyperparameters: Any,
+) -> dict[str, Tensor] | os.PathLike[str]:
+    """Weight Weaving: pool a method's merges over a search space with the task vectors.
+
+    Args:
+        pretrained, finetuned: as in :func:`weightweaving.merge`.
+        method: the base method ``f``.
+        lambdas: Λ as a list, ``"start:stop:step"`` or ``"a,b,c"``; default: the paper's range for
+            ``method`` in ``setup`` (``multitask``, ``continual`` or ``domain``).
+        pool: ``mean``, ``random``, ``magmax`` or any registered method name (used at λ = 1, with
+            ``pool_hyperparameters``).
+        pool_over: ``all`` (A* = Δ ∪ A, the paper's default) or ``merged`` (A alone).
+        search: a grid over other hyperparameters, e.g. ``{"k": [0.1, 0.2]}`` (product with Λ).
+        points: explicit hyperparameter sets instead of a grid; each may carry its own ``lam``.
+        closed_form: fold whole λ groups at once (default); ``False`` evaluates the method per point.
+        **hyperparameters: fixed hyperparameters of the method; other keywords as in ``merge``.
+
+    Returns:
+        The woven state dict, or the output folder when ``out`` is given.
+
+    Example:
+        >>> import torch, weightweaving
+        >>> base = {"w": torch.zeros(2)}
+        >>> tuned = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
+        >>> woven = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=[0.5, 1.0], pool="mean")
+        >>> woven["w"]  # mean of Δ1, Δ2, 0.5·(Δ1+Δ2), 1.0·(Δ1+Δ2)
+        tensor([0.6250, 0.6250])
+    """
+    chosen = get_method(method)
+    lam_list = parse_lambdas(lambdas)
+    groups = build_groups(chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points)
+    weaver = Weaver(method, groups, make_pool(pool, pool_hyperparameters), pool_over, closed_form=closed_form)
+    if out is not None:
+        from ..api import check_output
+
+        check_output(out, [pretrained, *finetuned], overwrite)
+    job = open_job(
+        pretrained,
+        finetuned,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        common_only=common_only,
+        allow_nonfinite=allow_nonfinite,
+        executor=executor,
+        workers=workers,
+        progress=progress,
+    )
+    try:
+        weaver.prepare(job.runner)
+        record = {
+            "operation": "weave",
+            "method": method,
+            "hyperparameters": dict(hyperparameters),
+            "search_space": [{"hyperparameters": g.hyperparameters, "lambdas": list(g.lams)} for g in groups],
+            "pool": pool,
+            "pool_hyperparameters": pool_hyperparameters or {},
+            "pool_over": pool_over,
+            "pretrained": job.sources[0],
+            "finetuned": job.sources[1:],
+            "seed": seed,
+            "include": list(include or []),
+            "exclude": list(exclude or []),
+            "dtype": str(dtype) if dtype is not None else None,
+        }
+        return deliver(job, job.runner.run(weaver, desc="weaving"), out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+    finally:
+        job.close()
