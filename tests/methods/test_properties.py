@@ -48,7 +48,9 @@ def models(
     return cast(base), [cast(task) for task in tasks]
 
 
-def merge(name: str, base: StateDict, tasks: list[StateDict], lam: float | None = None, seed: int = 0) -> StateDict:
+def merge(
+    name: str, base: StateDict, tasks: list[StateDict], lam: float | None = None, seed: int = 0
+) -> StateDict:
     merged = weightweaving.merge(base, tasks, method=name, lam=lam, seed=seed)
     assert isinstance(merged, dict)
     return merged

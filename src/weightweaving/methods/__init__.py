@@ -1,10 +1,15 @@
 """The merge methods. Each module is imported from this one explicit list, which fills the registry."""
 
 from . import (  # noqa: F401  (imported for registration)
+    breadcrumbs,
     cart,
+    dare,
     iso_c,
     iso_cts,
+    magmax,
+    pcb,
     task_arithmetic,
+    ties,
     tsv,
     weight_averaging,
 )

@@ -18,7 +18,10 @@ REFERENCE_SVD_INCLUDE = r"^(?=.*(?:attn|mlp))(?!.*(?:ln|bias))"
 
 class CARTParams(Hyperparameters):
     rank_fraction: float = Field(
-        0.08, gt=0.0, le=1.0, description="share of min(m, n) singular components kept per centered task vector"
+        0.08,
+        gt=0.0,
+        le=1.0,
+        description="share of min(m, n) singular components kept per centered task vector",
     )
     svd_include: str = Field(
         REFERENCE_SVD_INCLUDE,

@@ -34,9 +34,10 @@ class TSVParams(Hyperparameters):
 
 @register("tsv")
 class TSV(Method):
-    """Per weight matrix, each task keeps its top 1/T singular triplets; the stacked singular vectors
-    are orthogonalised by their polar factors and reassembled (TSV-Merge; reference `compute_and_sum_svd_mem_reduction`):
-    ``M = λ · polar(Û) diag(ŝ) polar(V̂ᵀ)``. Other parameters: λ times the mean task vector."""
+    """Per weight matrix, each task keeps its top ``int(p / T)`` singular triplets; the stacked
+    singular vectors are orthogonalised by their polar factors (the Procrustes step of TSV-Merge)
+    and reassembled: ``M = λ · polar(Û) diag(ŝ) polar(V̂ᵀ)``. Other parameters, and 2-D ones
+    matching ``svd_exclude``: λ times the mean task vector."""
 
     params = TSVParams
     lam_kind = LamKind.LINEAR

@@ -1,0 +1,114 @@
+"""DARE, drop and rescale (Yu et al., ICML 2024), combined with a base method (ALGORITHMS.md, `dare`).
+
+Reference: yule-BUAA/MergeLM ``mask_input_with_mask_rate``. Unlike MergeLM's global RNG, the mask
+comes from (seed, parameter name, task index) only, never from λ: one seed gives one mask for every
+λ, so DARE stays linear in λ and Weight Weaving can use its closed form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+from torch import Tensor
+
+from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
+from .registry import get_method, register
+
+
+class DareParams(Hyperparameters):
+    p: float = Field(0.5, ge=0, le=1, description="probability of dropping each task-vector entry")
+    rescale: bool = Field(True, description="multiply the survivors by 1/(1 − p) (not when p = 1)")
+    base: str = Field("task_arithmetic", description="registered method merging the masked task vectors")
+    base_hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="hyperparameters of the base method"
+    )
+
+    @field_validator("base")
+    @classmethod
+    def _linear_base(cls, name: str) -> str:
+        from ..errors import OptionError
+
+        if name == "dare":
+            raise ValueError("DARE cannot be its own base method")
+        try:
+            method = get_method(name)
+        except OptionError as exc:
+            raise ValueError(str(exc)) from None
+        if method.lam_kind is not LamKind.LINEAR:
+            raise ValueError(f"the base method must be linear in λ; '{name}' is {method.lam_kind.value}")
+        return name
+
+    @field_validator("base_hyperparameters")
+    @classmethod
+    def _valid_for_base(cls, values: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from ..errors import OptionError
+
+        if "base" in info.data:
+            try:
+                get_method(info.data["base"]).parse_params(values)
+            except OptionError as exc:
+                raise ValueError(str(exc)) from None
+        return values
+
+
+def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitContext) -> Tensor:
+    """Drop each entry of each Δ_t with probability p, divide the survivors by 1 − p (eq. 2).
+
+    Task t's mask is drawn on the CPU from ``ctx.generator("dare", t)`` and moved to the tensor's
+    device, so it is the same on every executor and device. (T, *s) -> (T, *s).
+    """
+    masked = torch.empty_like(task_vectors)
+    for t in range(task_vectors.shape[0]):
+        draws = torch.rand(task_vectors.shape[1:], generator=ctx.generator("dare", t))  # (*s), CPU
+        dropped = (draws < p).to(task_vectors.device)
+        masked[t] = task_vectors[t].masked_fill(dropped, 0)
+    if rescale and p < 1:
+        masked = torch.div(masked, 1 - p)
+    return masked
+
+
+@register("dare")
+class Dare(Method):
+    """M = λ · base(DARE(Δ_1), …, DARE(Δ_T)); with Task Arithmetic E[M] = λ Σ_t Δ_t (ICML 2024, eq. 2)."""
+
+    params = DareParams
+    lam_kind = LamKind.LINEAR
+    scope = Scope.ELEMENTWISE
+    default_lam = 1.0
+    lam_min = 0.0
+    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "multitask": (0.1, 1.0),
+        "continual": (0.1, 1.0),
+        "domain": (0.1, 1.0),
+    }
+    single_model_identity = False
+    order_invariant = False  # task t's mask depends on its index
+    stochastic = True
+    summary = "randomly drop task-vector entries (rate p), rescale the rest, merge with a base method"
+
+    def _base(self, p: DareParams) -> tuple[Method, Hyperparameters]:
+        method = get_method(p.base)
+        return method, method.parse_params(p.base_hyperparameters)
+
+    def scope_of(self, p: Hyperparameters) -> Scope:
+        """The base method's scope: a global base needs its first passes over the masked vectors."""
+        assert isinstance(p, DareParams)
+        method, base_p = self._base(p)
+        return method.scope_of(base_p)
+
+    def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> Any:
+        """The base method's first passes, run over the masked task vectors."""
+        assert isinstance(p, DareParams)
+        method, base_p = self._base(p)
+
+        def masked_scan(fn: Any) -> list[Any]:
+            return scan(lambda tv, ctx: fn(drop_and_rescale(tv, p.p, p.rescale, ctx), ctx))
+
+        return method.global_stats(masked_scan, base_p, seed)
+
+    def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
+        assert isinstance(p, DareParams)
+        method, base_p = self._base(p)
+        return method.compute(drop_and_rescale(task_vectors, p.p, p.rescale, ctx), base_p, ctx)

@@ -1,0 +1,153 @@
+"""Pre-training, frozen heads, fine-tuning and evaluation of the suite's encoder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import Split
+from .model import ViTConfig, VisionTransformer, build_model, state_dict_of
+
+EVAL_BATCH = 1024
+
+
+def _encoder(config: ViTConfig, state: dict[str, Tensor]) -> VisionTransformer:
+    model = VisionTransformer(config)
+    model.load_state_dict(state)
+    return model
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain(
+    config: ViTConfig,
+    pools: dict[str, Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Pre-train on unlabelled images of every domain: predict (domain, rotation by k * 90 degrees).
+
+    Neither target is a task label; the objective makes the encoder span every domain's inputs,
+    the role web-scale pre-training plays for CLIP.
+    """
+    from tqdm.auto import tqdm
+
+    model = build_model(config, seed)
+    images = torch.cat(list(pools.values()))
+    domains = torch.cat([torch.full((len(v),), i) for i, v in enumerate(pools.values())])
+    n_targets = 4 * len(pools)
+    classifier = nn.Linear(config.embed_dim, n_targets)
+    params = [*model.parameters(), *classifier.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, len(images) // batch)
+    total = epochs * steps_per_epoch
+    bar = tqdm(total=total, desc="pre-train", disable=not progress, leave=False)
+    step = 0
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=gen)
+        for b in range(steps_per_epoch):
+            index = order[b * batch : (b + 1) * batch]
+            rot = torch.randint(0, 4, (len(index),), generator=gen)
+            x = images[index]
+            x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, rot, strict=True)])
+            target = domains[index] * 4 + rot
+            for group in optimiser.param_groups:
+                group["lr"] = lr * _cosine_lr(step, total, max(1, total // 20))
+            loss = F.cross_entropy(classifier(model(x)), target)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return state_dict_of(model)
+
+
+@torch.inference_mode()
+def embed(config: ViTConfig, state: dict[str, Tensor], images: Tensor) -> Tensor:
+    """Unit-norm embeddings (n, embed_dim) of the images under the encoder ``state``."""
+    model = _encoder(config, state).eval()
+    out = [F.normalize(model(images[i : i + EVAL_BATCH]), dim=-1) for i in range(0, len(images), EVAL_BATCH)]
+    return torch.cat(out)
+
+
+def prototype_head(config: ViTConfig, state: dict[str, Tensor], split: Split, n_classes: int, shots: int) -> Tensor:
+    """A frozen zero-shot-style head: unit-norm class means of ``shots`` labelled images per class.
+
+    CLIP's zero-shot heads are fixed per class before any fine-tuning; these play that role.
+    """
+    picks = [torch.nonzero(split.labels == c).flatten()[:shots] for c in range(n_classes)]
+    features = embed(config, state, split.images[torch.cat(picks)])
+    rows, start = [], 0
+    for index in picks:
+        rows.append(features[start : start + len(index)].mean(0))
+        start += len(index)
+    return F.normalize(torch.stack(rows), dim=-1)  # (C, embed_dim)
+
+
+def logits(features: Tensor, head: Tensor, scale: float) -> Tensor:
+    return scale * F.normalize(features, dim=-1) @ head.T
+
+
+def fine_tune(
+    config: ViTConfig,
+    start: dict[str, Tensor],
+    split: Split,
+    head: Tensor,
+    *,
+    classes: Sequence[int] | None = None,
+    steps: int,
+    lr: float,
+    batch: int,
+    weight_decay: float,
+    scale: float,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Fine-tune the whole encoder from ``start`` with the head frozen (AdamW, warm-up + cosine).
+
+    ``classes`` restricts the data and the head's rows to those classes (class-incremental tasks).
+    """
+    model = _encoder(config, start).train()
+    labels = split.labels
+    if classes is not None:
+        keep = torch.isin(labels, torch.tensor(list(classes)))
+        split = split.subset(torch.nonzero(keep).flatten())
+        remap = torch.full((head.shape[0],), -1, dtype=torch.long)
+        remap[torch.tensor(list(classes))] = torch.arange(len(classes))
+        labels, head = remap[split.labels], head[list(classes)]
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    warmup = max(1, steps // 10)
+    for step in range(steps):
+        index = torch.randint(0, len(labels), (batch,), generator=gen)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * _cosine_lr(step, steps, warmup)
+        loss = F.cross_entropy(logits(model(split.images[index]), head, scale), labels[index])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+    return state_dict_of(model)
+
+
+@torch.inference_mode()
+def accuracy(config: ViTConfig, state: dict[str, Tensor], split: Split, head: Tensor) -> float:
+    """Top-1 accuracy (percent) of encoder ``state`` with a frozen head on ``split``."""
+    features = embed(config, state, split.images)
+    return 100.0 * float((logits(features, head, 1.0).argmax(-1) == split.labels).float().mean())
