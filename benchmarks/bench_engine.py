@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def vit_shapes(width: int, layers: int, patch: int = 32, tokens: int = 50, out_dim: int = 512) -> dict[str, tuple[int, ...]]:
+def vit_shapes(
+    width: int, layers: int, patch: int = 32, tokens: int = 50, out_dim: int = 512
+) -> dict[str, tuple[int, ...]]:
     """CLIP ViT image-encoder parameter shapes (ViT-B/32: width 768, 12 layers -> ~88M parameters)."""
     shapes: dict[str, tuple[int, ...]] = {
         "conv1.weight": (width, 3, patch, patch),
@@ -117,17 +119,35 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base, models, ckpt_bytes = build(workdir, args.small)
-    print(f"checkpoints: 1 base + {len(models)} fine-tuned, {ckpt_bytes / 1e6:.0f} MB each ({time.perf_counter() - t0:.0f} s to build)")
+    print(
+        f"checkpoints: 1 base + {len(models)} fine-tuned, {ckpt_bytes / 1e6:.0f} MB each ({time.perf_counter() - t0:.0f} s to build)"
+    )
     common = {"base": str(base), "models": [str(m) for m in models], "out": "x"}
     grid15 = [round(0.1 + 0.1 * i, 10) for i in range(15)]
     runs = {
         "merge task_arithmetic λ=0.3": {"kind": "merge", "method": "task_arithmetic", "lam": 0.3},
         "merge ties (global, k=0.2)": {"kind": "merge", "method": "ties", "lam": 1.0, "k": 0.2},
         "weave ties, 15 λ (mean)": {"kind": "weave", "method": "ties", "lambdas": grid15, "k": 0.2},
-        "weave ties, 15 λ (magmax)": {"kind": "weave", "method": "ties", "lambdas": grid15, "k": 0.2, "pool": "magmax"},
+        "weave ties, 15 λ (magmax)": {
+            "kind": "weave",
+            "method": "ties",
+            "lambdas": grid15,
+            "k": 0.2,
+            "pool": "magmax",
+        },
         "weave ties, 3 λ (mean)": {"kind": "weave", "method": "ties", "lambdas": grid15[:3], "k": 0.2},
-        "weave ties, 30 λ (mean)": {"kind": "weave", "method": "ties", "lambdas": [round(0.05 * (i + 1), 10) for i in range(30)], "k": 0.2},
-        "weave ties, search k∈{0.1,0.2,0.3} × 15 λ": {"kind": "weave", "method": "ties", "lambdas": grid15, "search": {"k": [0.1, 0.2, 0.3]}},
+        "weave ties, 30 λ (mean)": {
+            "kind": "weave",
+            "method": "ties",
+            "lambdas": [round(0.05 * (i + 1), 10) for i in range(30)],
+            "k": 0.2,
+        },
+        "weave ties, search k∈{0.1,0.2,0.3} × 15 λ": {
+            "kind": "weave",
+            "method": "ties",
+            "lambdas": grid15,
+            "search": {"k": [0.1, 0.2, 0.3]},
+        },
     }
     results: dict[str, dict[str, float]] = {}
     for label, spec in runs.items():
@@ -136,22 +156,45 @@ def main() -> None:
             "seconds": statistics.median(s["seconds"] for s in samples),
             "peak_rss_bytes": statistics.median(s["peak_rss_bytes"] for s in samples),
         }
-        print(f"{label:45s} {results[label]['seconds']:7.2f} s  peak RSS {results[label]['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
+        print(
+            f"{label:45s} {results[label]['seconds']:7.2f} s  peak RSS {results[label]['peak_rss_bytes'] / 1e6:7.0f} MB",
+            flush=True,
+        )
     if not args.skip_naive:
-        naive = run_child({"kind": "naive", "base": str(base), "models": common["models"], "method": "ties", "lambdas": grid15, "hp": {"k": 0.2}}, workdir)
+        naive = run_child(
+            {
+                "kind": "naive",
+                "base": str(base),
+                "models": common["models"],
+                "method": "ties",
+                "lambdas": grid15,
+                "hp": {"k": 0.2},
+            },
+            workdir,
+        )
         results["naive weave ties, 15 λ (materialised)"] = naive
-        print(f"{'naive weave ties, 15 λ (materialised)':45s} {naive['seconds']:7.2f} s  peak RSS {naive['peak_rss_bytes'] / 1e6:7.0f} MB")
+        print(
+            f"{'naive weave ties, 15 λ (materialised)':45s} {naive['seconds']:7.2f} s  peak RSS {naive['peak_rss_bytes'] / 1e6:7.0f} MB"
+        )
     one = results["merge ties (global, k=0.2)"]
     print("\nratios (same run):")
-    print(f"  peak RSS of the TA merge / one checkpoint: {results['merge task_arithmetic λ=0.3']['peak_rss_bytes'] / ckpt_bytes:.2f} (target < 2)")
+    print(
+        f"  peak RSS of the TA merge / one checkpoint: {results['merge task_arithmetic λ=0.3']['peak_rss_bytes'] / ckpt_bytes:.2f} (target < 2)"
+    )
     for label in runs:
         if label.startswith("weave"):
             r = results[label]
-            print(f"  {label}: time {r['seconds'] / one['seconds']:.2f}x one TIES merge, peak RSS {r['peak_rss_bytes'] / one['peak_rss_bytes']:.2f}x")
+            print(
+                f"  {label}: time {r['seconds'] / one['seconds']:.2f}x one TIES merge, peak RSS {r['peak_rss_bytes'] / one['peak_rss_bytes']:.2f}x"
+            )
     if "naive weave ties, 15 λ (materialised)" in results:
         r = results["naive weave ties, 15 λ (materialised)"]
-        print(f"  naive weave: time {r['seconds'] / one['seconds']:.2f}x, peak RSS {r['peak_rss_bytes'] / one['peak_rss_bytes']:.2f}x")
-    (workdir / "results.json").write_text(json.dumps({"checkpoint_bytes": ckpt_bytes, "results": results}, indent=2))
+        print(
+            f"  naive weave: time {r['seconds'] / one['seconds']:.2f}x, peak RSS {r['peak_rss_bytes'] / one['peak_rss_bytes']:.2f}x"
+        )
+    (workdir / "results.json").write_text(
+        json.dumps({"checkpoint_bytes": ckpt_bytes, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

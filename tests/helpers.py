@@ -49,7 +49,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subproce
     )
 
 
-def toy_models(num_tasks: int = 3, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def toy_models(
+    num_tasks: int = 3, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
     base = {
         "blocks.0.attn.in_proj.weight": torch.randn(12, 8, generator=gen),
@@ -61,6 +63,9 @@ def toy_models(num_tasks: int = 3, seed: int = 0) -> tuple[dict[str, torch.Tenso
     tuned = []
     for _ in range(num_tasks):
         tuned.append(
-            {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()) for k, v in base.items()}
+            {
+                k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone())
+                for k, v in base.items()
+            }
         )
     return base, tuned

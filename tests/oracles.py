@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(os.environ.get("WEIGHTWEAVING_ORACLES", Path(__file__).resolve().parents[1].parent / "shared" / "oracles"))
+ROOT = Path(
+    os.environ.get("WEIGHTWEAVING_ORACLES", Path(__file__).resolve().parents[1].parent / "shared" / "oracles")
+)
 
 
 @dataclass

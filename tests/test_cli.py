@@ -24,7 +24,19 @@ def test_merge_oracle_through_cli(tmp_path, path):
     case = load_case(path)
     base, models = _write_case(tmp_path, case)
     out = tmp_path / "merged"
-    res = run_cli("merge", "--base", base, "--models", *models, "--method", "task_arithmetic", "--lambda", case.meta["lam"], "--out", out)
+    res = run_cli(
+        "merge",
+        "--base",
+        base,
+        "--models",
+        *models,
+        "--method",
+        "task_arithmetic",
+        "--lambda",
+        case.meta["lam"],
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     assert_matches(case, load_folder(out))
     record = yaml.safe_load((out / "weightweaving_config.yaml").read_text())
@@ -37,7 +49,22 @@ def test_weave_oracle_through_cli_and_yaml(tmp_path):
     assert case.meta["method"] == "task_arithmetic"
     base, models = _write_case(tmp_path, case)
     lambdas = ",".join(str(x) for x in case.meta["lambdas"])
-    res = run_cli("merge", "--base", base, "--models", *models, "--method", "task_arithmetic", "--weave", "--lambdas", lambdas, "--pool", "mean", "--out", tmp_path / "w1")
+    res = run_cli(
+        "merge",
+        "--base",
+        base,
+        "--models",
+        *models,
+        "--method",
+        "task_arithmetic",
+        "--weave",
+        "--lambdas",
+        lambdas,
+        "--pool",
+        "mean",
+        "--out",
+        tmp_path / "w1",
+    )
     assert res.returncode == 0, res.stderr
     assert_matches(case, load_folder(tmp_path / "w1"))
     config = {
@@ -60,7 +87,19 @@ def test_sharded_output_and_hf_files(tmp_path):
     for i, sd in enumerate(tuned):
         save_hf_folder(tmp_path / f"ft{i}", sd)
     out = tmp_path / "out"
-    res = run_cli("merge", "--base", tmp_path / "pre", "--models", *[tmp_path / f"ft{i}" for i in range(3)], "--lambda", "0.5", "--shard-size", "400B", "--out", out)
+    res = run_cli(
+        "merge",
+        "--base",
+        tmp_path / "pre",
+        "--models",
+        *[tmp_path / f"ft{i}" for i in range(3)],
+        "--lambda",
+        "0.5",
+        "--shard-size",
+        "400B",
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -130,6 +169,14 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    res = run_cli("merge", "--base", tmp_path / "nope.safetensors", "--models", tmp_path / "a.safetensors", "--out", tmp_path / "o")
+    res = run_cli(
+        "merge",
+        "--base",
+        tmp_path / "nope.safetensors",
+        "--models",
+        tmp_path / "a.safetensors",
+        "--out",
+        tmp_path / "o",
+    )
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: no such file or folder"

@@ -10,4 +10,12 @@ from .errors import WeightWeavingError
 from .methods import get_method, list_methods
 from .weaving import weave
 
-__all__ = ["WeightWeavingError", "__version__", "get_method", "list_methods", "merge", "open_checkpoint", "weave"]
+__all__ = [
+    "WeightWeavingError",
+    "__version__",
+    "get_method",
+    "list_methods",
+    "merge",
+    "open_checkpoint",
+    "weave",
+]

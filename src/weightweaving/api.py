@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -79,7 +80,9 @@ def open_job(
     if isinstance(finetuned, (str, os.PathLike, Mapping)):
         raise OptionError("'finetuned' must be a list of checkpoints, one per fine-tuned model")
     base = open_checkpoint(pretrained, label="pretrained")
-    models = [align_keys(base, open_checkpoint(src, label=f"finetuned[{i}]")) for i, src in enumerate(finetuned)]
+    models = [
+        align_keys(base, open_checkpoint(src, label=f"finetuned[{i}]")) for i, src in enumerate(finetuned)
+    ]
     plan = make_plan(
         base,
         models,
@@ -124,12 +127,8 @@ def parse_size(value: str | int | None) -> int | None:
         return value
     text = str(value).strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            number = text[: -len(suffix)]
-            break
-    else:
-        number, factor = text, 1
+    suffix = next((u for u in units if text.endswith(u)), "")
+    number, factor = text[: len(text) - len(suffix)], units.get(suffix, 1)
     try:
         size = int(float(number) * factor)
     except ValueError:
@@ -146,16 +145,33 @@ def check_output(out: str | os.PathLike[str], sources: Sequence[Source], overwri
         if isinstance(src, (str, os.PathLike)):
             src_path = Path(src).resolve()
             if src_path == resolved or resolved in src_path.parents:
-                raise WeightWeavingError("the output folder is one of the inputs; choose another --out", path=out_path)
+                raise WeightWeavingError(
+                    "the output folder is one of the inputs; choose another --out", path=out_path
+                )
     if out_path.exists() and not overwrite:
         raise WeightWeavingError("the output folder exists; pass --overwrite to replace it", path=out_path)
+    ancestor = resolved.parent  # fail before any reading if the output cannot be created there
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise WeightWeavingError(
+            f"cannot create the output folder: '{ancestor}' is a file, not a folder", path=out_path
+        )
+    if not os.access(ancestor, os.W_OK):
+        raise WeightWeavingError(
+            f"cannot create the output folder: '{ancestor}' is not writable", path=out_path
+        )
     return out_path
 
 
 def versions() -> dict[str, str]:
     from . import __version__
 
-    return {"weightweaving": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    return {
+        "weightweaving": __version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def deliver(
@@ -171,8 +187,15 @@ def deliver(
     if out is None:
         return {name: tensor for name, tensor in results}
     entries = [OutputEntry(u.name, u.shape, u.out_dtype) for u in job.runner.plan.units]
-    record = {**record, "versions": versions(), "notes": job.runner.plan.notes}
-    with SafetensorsWriter(out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite) as writer:
+    record = {
+        **record,
+        "versions": versions(),
+        "notes": job.runner.plan.notes,
+        "left_out": job.runner.plan.left_out,
+    }
+    with SafetensorsWriter(
+        out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite
+    ) as writer:
         for name, tensor in results:
             writer.write(name, tensor)
         for extra in job.base.extra_files:
@@ -233,6 +256,8 @@ def merge(
     chosen = get_method(method)
     p = chosen.parse_params(hyperparameters)
     lam = chosen.default_lam if lam is None else lam
+    if lam is not None and not math.isfinite(lam):
+        raise OptionError(f"--lambda {lam} is not a finite number")
     chosen.check_lam(lam)
     if out is not None:
         check_output(out, [pretrained, *finetuned], overwrite)
@@ -269,6 +294,8 @@ def merge(
             "exclude": list(exclude or []),
             "dtype": str(dtype) if dtype is not None else None,
         }
-        return deliver(job, job.runner.run(unit_fn), out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+        return deliver(
+            job, job.runner.run(unit_fn), out=out, overwrite=overwrite, shard_size=shard_size, record=record
+        )
     finally:
         job.close()

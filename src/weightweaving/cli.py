@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import MergeOptions, load_yaml, run_options, validate
+from .config import MergeOptions, load_yaml, option_flag, reserved_names, run_options, validate
 from .errors import OptionError, WeightWeavingError
 
 MERGE_EPILOG = """examples:
@@ -40,7 +40,6 @@ FLAGS = {
     "workers": "workers",
 }
 SWITCHES = ("overwrite", "common_only", "allow_nonfinite")
-RESERVED = {"seed", "out", "device", "dtype", "lam", "lambda", "method", "include", "exclude"}
 
 
 def _help(field: str) -> str:
@@ -144,8 +143,8 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
     hyper = dict(values.get("hyperparameters") or {})
     for item in args.set:
         name, value = _parse_assignment(item, "--set")
-        if name in RESERVED:
-            raise OptionError(f"--set {name}: '{name}' is an option of its own (--{name.replace('_', '-')}), not a hyperparameter")
+        if name in reserved_names():
+            raise OptionError(f"--set {name}: '{name}' is an option of its own ({option_flag(name)}), not a hyperparameter")
         hyper[name] = _scalar(value)
     if hyper:
         values["hyperparameters"] = hyper

@@ -31,11 +31,21 @@ class WeaveOptions(BaseModel):
         None, description="λ search space: start:stop:step, a,b,c or a list (default: the paper's range)"
     )
     pool: str = Field("mean", description="mean, random, magmax or a method name")
-    pool_over: Literal["all", "merged"] = Field("all", description="all = task vectors plus merged; merged = merged only")
-    setup: Literal["multitask", "continual", "domain"] = Field("multitask", description="which paper range to default to")
-    search: dict[str, list[Any]] | None = Field(None, description="grid over other hyperparameters, e.g. {k: [0.1, 0.2]}")
-    points: list[dict[str, Any]] | None = Field(None, description="explicit hyperparameter sets instead of a grid")
-    pool_hyperparameters: dict[str, Any] = Field(default_factory=dict, description="for a method used as the pool")
+    pool_over: Literal["all", "merged"] = Field(
+        "all", description="all = task vectors plus merged; merged = merged only"
+    )
+    setup: Literal["multitask", "continual", "domain"] = Field(
+        "multitask", description="which paper range to default to"
+    )
+    search: dict[str, list[Any]] | None = Field(
+        None, description="grid over other hyperparameters, e.g. {k: [0.1, 0.2]}"
+    )
+    points: list[dict[str, Any]] | None = Field(
+        None, description="explicit hyperparameter sets instead of a grid"
+    )
+    pool_hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="for a method used as the pool"
+    )
 
 
 class MergeOptions(BaseModel):
@@ -52,9 +62,15 @@ class MergeOptions(BaseModel):
     device: str = Field("cpu", description="cpu or cuda")
     dtype: str | None = Field(None, description="output dtype (default: the base's)")
     compute_dtype: str | None = Field(None, description="float32 (default) or float64")
-    shard_size: str | int | None = Field(None, description="largest output shard, e.g. 2GB (default: one file)")
-    include: list[str] = Field(default_factory=list, description="regexes of parameters to merge (default: all)")
-    exclude: list[str] = Field(default_factory=list, description="regexes of parameters to copy from the base")
+    shard_size: str | int | None = Field(
+        None, description="largest output shard, e.g. 2GB (default: one file)"
+    )
+    include: list[str] = Field(
+        default_factory=list, description="regexes of parameters to merge (default: all)"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="regexes of parameters to copy from the base"
+    )
     seed: int = Field(0, description="seed of every random draw")
     overwrite: bool = Field(False, description="replace an existing output folder")
     common_only: bool = Field(False, description="merge only the parameters every checkpoint has")
@@ -73,11 +89,36 @@ def describe_error(exc: ValidationError, source: str) -> str:
     return f"{source}: option '{loc}': {first.get('msg', 'invalid')} (got {first.get('input')!r})"
 
 
+def reserved_names() -> set[str]:
+    """Arguments of ``merge`` and ``weave`` themselves: a hyperparameter of that name would collide."""
+    import inspect
+
+    from .api import merge
+    from .weaving import weave
+
+    names = set(inspect.signature(merge).parameters) | set(inspect.signature(weave).parameters)
+    return (names - {"hyperparameters"}) | {"lambda"}
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of an option name."""
+    return {"lam": "--lambda", "lambda": "--lambda", "pretrained": "--base", "finetuned": "--models"}.get(
+        name, "--" + name.replace("_", "-")
+    )
+
+
 def validate(values: dict[str, Any], source: str) -> MergeOptions:
     try:
-        return MergeOptions.model_validate(values)
+        options = MergeOptions.model_validate(values)
     except ValidationError as exc:
         raise OptionError(describe_error(exc, source)) from None
+    reserved = reserved_names()
+    for name in options.hyperparameters:
+        if name in reserved:
+            raise OptionError(
+                f"{source}: hyperparameter '{name}' is an option of its own ({option_flag(name)}), not a hyperparameter"
+            )
+    return options
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -105,7 +146,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str(base_dir / data[key])
     if isinstance(data.get("models"), list):
-        data["models"] = [str(base_dir / m) if isinstance(m, str) and not Path(m).is_absolute() else m for m in data["models"]]
+        data["models"] = [
+            str(base_dir / m) if isinstance(m, str) and not Path(m).is_absolute() else m
+            for m in data["models"]
+        ]
     return data
 
 
@@ -130,7 +174,9 @@ def run_options(options: MergeOptions, *, progress: bool | None = None) -> Path:
         progress=progress,
     )
     if options.weave is None:
-        result = merge(options.base, options.models, options.method, options.lam, **common, **options.hyperparameters)
+        result = merge(
+            options.base, options.models, options.method, options.lam, **common, **options.hyperparameters
+        )
     else:
         w = options.weave
         if options.lam is not None:

@@ -8,7 +8,11 @@ import weightweaving
 from tests.oracles import assert_matches, case_paths, load_case
 
 
-@pytest.mark.parametrize("path", case_paths("weight_averaging") + case_paths("task_arithmetic"), ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path",
+    case_paths("weight_averaging") + case_paths("task_arithmetic"),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_oracle_through_api(path):
     case = load_case(path)
     got = weightweaving.merge(

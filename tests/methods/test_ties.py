@@ -20,7 +20,9 @@ def test_oracle_through_api(path):
     case = load_case(path)
     hp = case.hyperparameters
     seed = hp.pop("seed", 0)
-    got = weightweaving.merge(case.pretrained, case.tasks, method="ties", lam=case.meta["lam"], seed=seed, **hp)
+    got = weightweaving.merge(
+        case.pretrained, case.tasks, method="ties", lam=case.meta["lam"], seed=seed, **hp
+    )
     assert_matches(case, got)
 
 
@@ -30,7 +32,9 @@ def test_oracle_needs_its_scope(path):
     case = load_case(path)
     hp = case.hyperparameters
     other = "tensor" if hp["scope"] == "global" else "global"
-    got = weightweaving.merge(case.pretrained, case.tasks, method="ties", lam=case.meta["lam"], **{**hp, "scope": other})
+    got = weightweaving.merge(
+        case.pretrained, case.tasks, method="ties", lam=case.meta["lam"], **{**hp, "scope": other}
+    )
     with pytest.raises(AssertionError):
         assert_matches(case, got)
 
@@ -62,7 +66,9 @@ def test_global_equals_one_flattened_tensor(k, ties):
     names = sorted(SHAPES)
     flat = torch.stack([torch.cat([m[n].reshape(-1) for n in names]) for m in models])  # (T, n)
     method = get_method("ties")
-    expected = method.compute(flat, method.parse_params({"k": k, "scope": "tensor"}), UnitContext("all")).slope
+    expected = method.compute(
+        flat, method.parse_params({"k": k, "scope": "tensor"}), UnitContext("all")
+    ).slope
     assert torch.equal(torch.cat([got[n].reshape(-1) for n in names]), expected)
 
 
@@ -79,13 +85,18 @@ def test_streamed_order_statistics_equal_kthvalue(seed, sizes, rows, dtype, sign
     gen = torch.Generator().manual_seed(seed)
     units = []
     for n in sizes:
-        values = torch.randn(rows, n, generator=gen, dtype=dtype) * 10.0 ** torch.randint(-8, 8, (1,), generator=gen)
+        values = torch.randn(rows, n, generator=gen, dtype=dtype) * 10.0 ** torch.randint(
+            -8, 8, (1,), generator=gen
+        )
         if levels:  # duplicates and exact zeros
             values = torch.round(values * levels / values.abs().max().clamp(min=1e-30)) / levels
         units.append(values if signed else values.abs())
     concat = torch.cat(units, dim=1)  # (R, n)
     total = concat.shape[1]
-    ranks = [sorted({0, total - 1, total // 2, int(torch.randint(total, (1,), generator=gen))}) for _ in range(rows)]
+    ranks = [
+        sorted({0, total - 1, total // 2, int(torch.randint(total, (1,), generator=gen))})
+        for _ in range(rows)
+    ]
 
     def scan(fn):
         return [fn(unit, UnitContext(f"u{i}")) for i, unit in enumerate(units)]
@@ -100,7 +111,9 @@ def test_streamed_order_statistics_equal_kthvalue(seed, sizes, rows, dtype, sign
 def test_streamed_order_statistics_ranks_from_lengths():
     units = [torch.arange(6.0).reshape(2, 3), torch.tensor([[10.0], [-1.0]])]
     got = streamed_order_statistics(
-        lambda fn: [fn(u, UnitContext("u")) for u in units], lambda v, ctx: v, lambda lengths: [[n - 1] for n in lengths]
+        lambda fn: [fn(u, UnitContext("u")) for u in units],
+        lambda v, ctx: v,
+        lambda lengths: [[n - 1] for n in lengths],
     )
     assert [float(g[0]) for g in got] == [10.0, 5.0]
 
@@ -112,9 +125,7 @@ def test_global_stats_threshold_is_kthvalue_of_everything():
     params = method.parse_params({"k": 0.3})
 
     def scan(fn):
-        return [
-            fn(torch.stack([m[n] for m in models]), UnitContext(n)) for n in names
-        ]
+        return [fn(torch.stack([m[n] for m in models]), UnitContext(n)) for n in names]
 
     stats = method.global_stats(scan, params, seed=0)
     flat = torch.stack([torch.cat([m[n].reshape(-1) for n in names]) for m in models]).abs()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import weightweaving
+from tests.helpers import toy_models
 from weightweaving.errors import OptionError
 from weightweaving.weaving import default_lambdas, grid, parse_lambdas
-from tests.helpers import toy_models
 
 
 def test_grid_matches_paper_construction():
@@ -25,7 +25,9 @@ def test_bad_lambda_specs(spec):
 
 
 def _members_mean(base, tuned, method, lams, **hp):
-    members = [{k: t[k].double() - base[k].double() for k in base if base[k].is_floating_point()} for t in tuned]
+    members = [
+        {k: t[k].double() - base[k].double() for k in base if base[k].is_floating_point()} for t in tuned
+    ]
     for lam in lams:
         merged = weightweaving.merge(base, tuned, method, lam, **hp)
         members.append({k: merged[k].double() - base[k].double() for k in members[0]})
@@ -47,8 +49,12 @@ def test_search_over_other_hyperparameter_equals_points_and_general_path():
     weights = [[1.0, 0.0, 0.0], [0.5, 0.5, 1.0]]
     lams = [0.5, 1.0]
     by_grid = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, search={"weights": weights})
-    by_points = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, points=[{"weights": w} for w in weights])
-    general = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, search={"weights": weights}, closed_form=False)
+    by_points = weightweaving.weave(
+        base, tuned, "task_arithmetic", lambdas=lams, points=[{"weights": w} for w in weights]
+    )
+    general = weightweaving.weave(
+        base, tuned, "task_arithmetic", lambdas=lams, search={"weights": weights}, closed_form=False
+    )
     members = [{k: t[k] - base[k] for k in by_grid if base[k].is_floating_point()} for t in tuned]
     for w in weights:
         for lam in lams:
@@ -82,7 +88,9 @@ def test_method_as_pool():
 def test_random_pool_seeded_and_closed_form_equals_general():
     base, tuned = toy_models(3)
     a = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=[0.3, 0.6, 0.9], pool="random", seed=7)
-    b = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=[0.3, 0.6, 0.9], pool="random", seed=7, closed_form=False)
+    b = weightweaving.weave(
+        base, tuned, "task_arithmetic", lambdas=[0.3, 0.6, 0.9], pool="random", seed=7, closed_form=False
+    )
     c = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=[0.3, 0.6, 0.9], pool="random", seed=8)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

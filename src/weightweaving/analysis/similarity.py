@@ -67,6 +67,7 @@ def task_vector_similarity(
         progress=progress,
     )
     try:
+
         def gram(task_vectors: Tensor, ctx: object) -> Tensor:
             flat = task_vectors.reshape(task_vectors.shape[0], -1)  # (T, n)
             return (flat @ flat.T).cpu()
@@ -76,4 +77,6 @@ def task_vector_similarity(
         job.close()
     names = [u.name for u in job.runner.plan.merge_units]
     total = torch.stack(grams).sum(0)
-    return Similarity(model=_cosine(total), per_layer={n: _cosine(g) for n, g in zip(names, grams, strict=True)})
+    return Similarity(
+        model=_cosine(total), per_layer={n: _cosine(g) for n, g in zip(names, grams, strict=True)}
+    )

@@ -61,7 +61,11 @@ def lam_sweep(
     )
     try:
         stats = method_stats(chosen, p, job.runner)
-        forms = dict(job.runner.scan(lambda tv, ctx: (ctx.name, chosen.compute(tv, p, with_stats(ctx, stats))), desc="sweep"))
+        forms = dict(
+            job.runner.scan(
+                lambda tv, ctx: (ctx.name, chosen.compute(tv, p, with_stats(ctx, stats))), desc="sweep"
+            )
+        )
         plan = job.runner.plan
         base = {u.name: job.base.get(u.name) for u in plan.units}
     finally:
@@ -71,7 +75,9 @@ def lam_sweep(
         for unit in plan.units:
             if unit.name in forms:
                 delta = forms[unit.name].at(lam)
-                merged[unit.name] = (base[unit.name].to(delta.device, torch.float32) + delta).to("cpu", unit.out_dtype)
+                merged[unit.name] = (base[unit.name].to(delta.device, torch.float32) + delta).to(
+                    "cpu", unit.out_dtype
+                )
             else:
                 merged[unit.name] = base[unit.name].clone()
         yield lam, merged

@@ -30,7 +30,7 @@ class TensorInfo:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 class Checkpoint:

@@ -37,6 +37,21 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
 def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
     """Validate a safetensors header. Returns (data start, {name: (dtype, shape, begin, end)}, metadata)."""
     try:
@@ -49,17 +64,24 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
                     path=path,
                 )
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER or 8 + header_len > size:
+            if 8 + header_len > size:
                 raise CheckpointError(
                     f"corrupt safetensors file: header length {header_len} exceeds the file size {size}", path=path
                 )
+            if header_len > MAX_HEADER:
+                raise CheckpointError(f"corrupt safetensors file: header length {header_len} is over the 100 MiB limit", path=path)
             raw = fh.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
+            # more entries than names: one is listed twice (json.loads would keep the last silently)
+            json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError("corrupt safetensors file: the header is not valid JSON", path=path) from None
+    except _DuplicateKey as exc:
+        raise CheckpointError("appears twice in the header: the file is corrupt", path=path, parameter=str(exc)) from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors file: the header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}
@@ -72,12 +94,12 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
             raise CheckpointError("corrupt safetensors file: entry lacks dtype, shape or data_offsets", path=path, parameter=name)
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype '{dtype}'", path=path, parameter=name)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise CheckpointError(f"invalid shape {shape!r}", path=path, parameter=name)
         if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
         ) or not (0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"invalid data_offsets {offsets!r}", path=path, parameter=name)
         begin, end = offsets
@@ -90,7 +112,7 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        itemsize = DTYPES[dtype].itemsize
         if numel * itemsize != end - begin:
             raise CheckpointError(
                 f"shape {tuple(shape)} of {dtype} needs {numel * itemsize} bytes but data_offsets span {end - begin}",

@@ -18,11 +18,13 @@ class ShardedSafetensors(Checkpoint):
         self.path = Path(index_path)
         try:
             index = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"cannot read the shard index: {exc}", path=self.path) from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("shard index has no 'weight_map'", path=self.path)
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("shard index maps a parameter to something other than a file name", path=self.path)
         self._shards: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
         infos: dict[str, TensorInfo] = {}

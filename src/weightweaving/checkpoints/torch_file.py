@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,22 +35,38 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     raise CheckpointError("holds no state dict of tensors", path=path)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what was refused (not its advice)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported global", "Unsupported operand")):
+            return line.rstrip(".")[:200]
+    return "the file holds objects other than tensors"
+
+
 class TorchFile(Checkpoint):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         mmap = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the error says all
+                warnings.simplefilter("ignore")
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+            if "Weights only load failed" not in str(exc):
+                raise CheckpointError(f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path) from None
             raise CheckpointError(
-                "refused: loading it would need full unpickling, which can run code "
-                f"({first[:160]}); convert it to safetensors from a trusted environment",
+                f"refused: loading it would need full unpickling, which can run code ({_reason(exc)}); "
+                "convert it to safetensors in a trusted environment",
                 path=self.path,
             ) from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"not a readable PyTorch checkpoint: {msg[:200]}", path=self.path) from None
+        except Exception as exc:  # a corrupt file can make torch.load fail in any way
+            raise CheckpointError(f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path) from None
         self._sd = {str(k): v for k, v in _unwrap(obj, self.path).items()}
         self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._sd.items()}
 

@@ -8,6 +8,7 @@ is renamed into place only when complete, so a killed run never leaves a folder 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,12 +33,12 @@ class OutputEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 def _layout(entries: Sequence[OutputEntry], max_shard_bytes: int | None) -> list[list[OutputEntry]]:
@@ -91,6 +92,8 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        if self.out_dir.is_symlink():  # write where the link points, so the rename stays on that disk
+            self.out_dir = self.out_dir.resolve()
         if self.out_dir.exists() and not overwrite:
             raise WeightWeavingError("the output folder exists; pass --overwrite to replace it", path=self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -121,6 +124,9 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             raise WeightWeavingError(f"cannot write the output: {exc.strerror or exc}", path=self.out_dir) from None
+        except BaseException:  # Ctrl-C while laying out: leave nothing behind
+            self.abort()
+            raise
 
     # -- layout -------------------------------------------------------------------------------------
     def shard_names(self) -> list[str]:
@@ -176,10 +182,16 @@ class SafetensorsWriter:
         self._written.add(name)
 
     def add_file(self, name: str, content: bytes) -> None:
-        (self.staging / name).write_bytes(content)
+        try:
+            (self.staging / name).write_bytes(content)
+        except OSError as exc:
+            raise WeightWeavingError(f"cannot write the output: {exc.strerror or exc}", path=self.out_dir) from None
 
     def copy_file(self, source: Path) -> None:
-        shutil.copy2(source, self.staging / source.name)
+        try:
+            shutil.copy2(source, self.staging / source.name)
+        except OSError as exc:
+            raise WeightWeavingError(f"cannot copy '{source.name}' into the output: {exc.strerror or exc}", path=self.out_dir) from None
 
     def commit(self) -> Path:
         """Finish: check that everything was written, fsync, and move the folder into place."""
@@ -196,7 +208,7 @@ class SafetensorsWriter:
             self._fds = []
             old: Path | None = None
             if self.out_dir.exists():
-                old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned like staging
                 os.rename(self.out_dir, old)
             os.rename(self.staging, self.out_dir)
             if old is not None:

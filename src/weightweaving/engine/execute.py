@@ -62,21 +62,32 @@ class Runner:
         self.passes = 0  # how many full passes over the checkpoints have been made (for benchmarks)
 
     # -- reading ------------------------------------------------------------------------------------
-    def _read(self, ckpt: Checkpoint, name: str) -> Tensor:
-        tensor = ckpt.get(name)
-        if not self.allow_nonfinite and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                "contains NaN or Inf values (pass --allow-nonfinite to merge anyway)", path=ckpt.label(), parameter=name
-            )
-        return tensor
-
     def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
         """The base tensor and the task vectors (T, *shape), both in the compute dtype on the device."""
-        base = self._read(self.base, unit.name).to(self.device, self.compute_dtype)
+        base = self.base.get(unit.name).to(self.device, self.compute_dtype)
         task_vectors = torch.empty((len(self.models), *unit.shape), dtype=self.compute_dtype, device=self.device)
         for i, model in enumerate(self.models):
-            torch.sub(self._read(model, unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
+            torch.sub(model.get(unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
+        if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
+            self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
         return base, task_vectors
+
+    def _refuse_nonfinite(self, unit: Unit, task_vectors: Tensor) -> None:
+        """Name the checkpoint that holds NaN or Inf (looked up only once a unit has failed the check)."""
+        for ckpt in [self.base, *self.models]:
+            tensor = ckpt.get(unit.name)
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    "contains NaN or Inf values (pass --allow-nonfinite to merge anyway)",
+                    path=ckpt.label(),
+                    parameter=unit.name,
+                )
+        culprit = next(m for m, tv in zip(self.models, task_vectors, strict=True) if not bool(torch.isfinite(tv).all()))
+        raise CheckpointError(
+            f"differs from the base by more than {self.compute_dtype} can hold (try --compute-dtype float64)",
+            path=culprit.label(),
+            parameter=unit.name,
+        )
 
     def context(self, unit: Unit, stats: Any = None) -> UnitContext:
         return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras)

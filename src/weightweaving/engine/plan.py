@@ -41,6 +41,7 @@ class Unit:
 class Plan:
     units: list[Unit]  # output order: the base checkpoint's order
     notes: list[str] = field(default_factory=list)  # what was left out and why
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # --common-only: every name, by reason
 
     @property
     def merge_units(self) -> list[Unit]:
@@ -94,22 +95,24 @@ def make_plan(
     if not base_infos:
         raise CheckpointError("holds no tensors", path=base.label())
     notes: list[str] = []
+    left_out: dict[str, list[str]] = {}
     missing_anywhere: set[str] = set()
     for model in models:
         infos = model.infos()
         missing = [k for k in base_infos if k not in infos]
         extra = [k for k in infos if k not in base_infos]
         if (missing or extra) and not common_only:
-            which, what = (missing, "lacks") if missing else (extra, "has")
-            kind = "the base's parameter" if missing else "a parameter the base lacks:"
+            which, what = (missing, "is in the base but missing here") if missing else (extra, "is not in the base")
             more = f" (and {len(which) - 1} more)" if len(which) > 1 else ""
             raise CheckpointError(
-                f"{what} {kind} '{which[0]}'{more}; the checkpoints differ in architecture "
+                f"{what}{more}; the checkpoints differ in architecture "
                 "(use --common-only to merge only the parameters they share)",
                 path=model.label(),
+                parameter=which[0],
             )
         if extra:
-            notes.append(f"{model.label()}: left out {len(extra)} parameters the base lacks, e.g. '{extra[0]}'")
+            notes.append(f"{model.label()}: left out {len(extra)} parameters the base lacks: {_some(extra)}")
+            left_out[f"not in the base, in {model.label()}"] = extra
         missing_anywhere.update(missing)
         for name in base_infos:
             if name in infos and infos[name].shape != base_infos[name].shape:
@@ -119,10 +122,9 @@ def make_plan(
                     parameter=name,
                 )
     if missing_anywhere:
-        notes.append(
-            f"copied {len(missing_anywhere)} parameters from the base because some models lack them, "
-            f"e.g. '{sorted(missing_anywhere)[0]}'"
-        )
+        names = sorted(missing_anywhere)
+        notes.append(f"copied {len(names)} parameters from the base unmerged because some models lack them: {_some(names)}")
+        left_out["copied from the base, missing in a model"] = names
     units = []
     for name, info in base_infos.items():
         is_float = info.dtype.is_floating_point and all(m.infos()[name].dtype.is_floating_point for m in models if name in m.infos())
@@ -131,7 +133,14 @@ def make_plan(
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
         units.append(Unit(name=name, shape=info.shape, base_dtype=info.dtype, out_dtype=dtype, merge=merge))
     if not any(u.merge for u in units):
+        if set(base_infos) <= missing_anywhere:
+            raise CheckpointError("the checkpoints share no parameter, so there is nothing to merge", path=base.label())
         raise OptionError("no parameter is left to merge (check --include/--exclude)")
     for note in notes:
         log.warning(note)
-    return Plan(units=units, notes=notes)
+    return Plan(units=units, notes=notes, left_out=left_out)
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    listed = ", ".join(f"'{n}'" for n in names[:shown])
+    return listed + (f" (and {len(names) - shown} more)" if len(names) > shown else "")

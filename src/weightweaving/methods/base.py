@@ -144,7 +144,9 @@ class Method:
         if self.lam_min is not None and lam < self.lam_min:
             raise OptionError(f"--lambda {lam} is out of range for '{self.name}': must be >= {self.lam_min}")
 
-    def merge_unit(self, task_vectors: Tensor, p: Hyperparameters, lam: float | None, ctx: UnitContext) -> Tensor:
+    def merge_unit(
+        self, task_vectors: Tensor, p: Hyperparameters, lam: float | None, ctx: UnitContext
+    ) -> Tensor:
         """``compute`` evaluated at one λ."""
         form = self.compute(task_vectors, p, ctx)
         return form.at(1.0 if lam is None else lam)

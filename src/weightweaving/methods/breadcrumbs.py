@@ -21,7 +21,8 @@ class BreadcrumbsParams(Hyperparameters):
     density: float = Field(0.15, gt=0, le=1, description="share of each task vector kept (the paper's 1 − β)")
     gamma: float = Field(0.01, ge=0, lt=1, description="share of largest magnitudes removed as outliers")
     scope: Literal["tensor", "row"] = Field(
-        "tensor", description="rank per flattened tensor (mergekit) or per row of the last dimension (authors)"
+        "tensor",
+        description="rank per flattened tensor (mergekit) or per row of the last dimension (authors)",
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
+from ..errors import OptionError
 from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
 from .registry import get_method, register
 
@@ -28,8 +29,6 @@ class DareParams(Hyperparameters):
     @field_validator("base")
     @classmethod
     def _linear_base(cls, name: str) -> str:
-        from ..errors import OptionError
-
         if name == "dare":
             raise ValueError("DARE cannot be its own base method")
         try:
@@ -43,8 +42,6 @@ class DareParams(Hyperparameters):
     @field_validator("base_hyperparameters")
     @classmethod
     def _valid_for_base(cls, values: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from ..errors import OptionError
-
         if "base" in info.data:
             try:
                 get_method(info.data["base"]).parse_params(values)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
@@ -24,8 +24,8 @@ _SCALE = {"default": 1.0, "vision": 1.2}
 
 
 class PcbParams(Hyperparameters):
-    ratio: float | None = Field(
-        None, gt=0, le=1, description="share of entries per task with a non-zero weight (default 0.1; vision 0.05)"
+    ratio: float = Field(
+        0.1, gt=0, le=1, description="share of entries per task with a non-zero weight (variant vision: 0.05)"
     )
     scope: Literal["global", "tensor"] = Field(
         "global", description="statistics over the whole model flattened (reference) or per tensor"
@@ -34,9 +34,13 @@ class PcbParams(Hyperparameters):
         "default", description="'default' = pcb-merging.py; 'vision' = vision_source_code/pcb.py"
     )
 
-    @property
-    def keep_ratio(self) -> float:
-        return _RATIO[self.variant] if self.ratio is None else self.ratio
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_ratio(cls, values: Any) -> Any:
+        """An unset ratio takes the variant's own default."""
+        if isinstance(values, dict) and values.get("ratio") is None and values.get("variant") in _RATIO:
+            values = {**values, "ratio": _RATIO[values["variant"]]}
+        return values
 
 
 @dataclass(frozen=True)
@@ -124,13 +128,19 @@ class Pcb(Method):
             flat = task_vectors.reshape(task_vectors.shape[0], -1)
             return balancing_score(flat, low.to(flat), high.to(flat), p.variant)  # (T, n_unit)
 
-        found = streamed_order_statistics(scan, scores, lambda lengths: [score_ranks(n, p.keep_ratio) for n in lengths])
+        found = streamed_order_statistics(
+            scan, scores, lambda lengths: [score_ranks(n, p.ratio) for n in lengths]
+        )
         return PcbStats(low, high, torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found]))
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, PcbParams)
         flat = task_vectors.reshape(task_vectors.shape[0], -1)  # (T, n)
-        stats = ctx.stats if p.scope == "global" and isinstance(ctx.stats, PcbStats) else self.tensor_stats(flat, p)
+        stats = (
+            ctx.stats
+            if p.scope == "global" and isinstance(ctx.stats, PcbStats)
+            else self.tensor_stats(flat, p)
+        )
         merged = pcb_merge(flat, stats, p.variant)  # (n)
         return LamForm(offset=None, slope=merged.reshape(task_vectors.shape[1:]))
 
@@ -141,6 +151,6 @@ class Pcb(Method):
         bounds = order_statistics(flat.abs(), [magnitude_ranks(n, p.variant)] * flat.shape[0])
         low, high = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
         found = order_statistics(
-            balancing_score(flat, low, high, p.variant), [score_ranks(n, p.keep_ratio)] * flat.shape[0]
+            balancing_score(flat, low, high, p.variant), [score_ranks(n, p.ratio)] * flat.shape[0]
         )
         return PcbStats(low, high, torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found]))

@@ -106,6 +106,10 @@ def orthogonal_reassembly(stacked_u: Tensor, stacked_s: Tensor, stacked_vh: Tens
 
 OrderRanks = Sequence[Sequence[int]] | Callable[[list[int]], Sequence[Sequence[int]]]
 
+_DIGIT = 16  # bits of the key resolved per radix-select scan
+_BINS = 1 << _DIGIT
+_CHUNK = 1 << 24  # values turned into keys at a time (bounds the int64 copies of a large unit)
+
 
 def order_statistics(values: Tensor, ranks: Sequence[Sequence[int]]) -> list[Tensor]:
     """The values at 0-based ``ranks`` of each row sorted ascending (``kthvalue(k)`` is rank k − 1).
@@ -114,10 +118,6 @@ def order_statistics(values: Tensor, ranks: Sequence[Sequence[int]]) -> list[Ten
     """
     ordered = values.sort(dim=1).values  # (R, n)
     return [ordered[row, list(row_ranks)] for row, row_ranks in enumerate(ranks)]
-
-
-_DIGIT = 16  # bits of the key resolved per radix-select scan
-_BINS = 1 << _DIGIT
 
 
 def ordered_keys(values: Tensor) -> tuple[Tensor, int]:
@@ -145,6 +145,36 @@ def _key_to_value(key: int, width: int) -> Tensor:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
 
 
+def _digit_slots(
+    keys: Tensor, width: int, level: int, prefixes: list[list[int]] | None, first_row: int, num_rows: int
+) -> tuple[Tensor, int]:
+    """Histogram slots of the keys' digit ``level`` (counted from the top), and the number of blocks.
+
+    A block of 65536 slots per (stream, wanted prefix): at level 0 one block per stream over every
+    key; later only the keys whose higher digits equal a wanted prefix of their stream count.
+    keys (r, n) of streams first_row … first_row + r − 1 of num_rows -> slots (m,) int64.
+    """
+    rows = torch.arange(first_row, first_row + keys.shape[0], device=keys.device)[:, None]  # (r, 1)
+    shift = width - _DIGIT * (level + 1)
+    if prefixes is None:  # the top digit, made non-negative
+        return (rows * _BINS + (keys >> shift) + _BINS // 2).reshape(-1), num_rows
+    bits = _DIGIT * level  # the prefix, keys >> (shift + 16), is a signed integer of this width
+    offset = 1 << (bits - 1)
+    tags = [
+        (row << bits) + prefix + offset
+        for row, row_prefixes in enumerate(prefixes)
+        for prefix in row_prefixes
+    ]
+    wanted = torch.tensor(tags, dtype=torch.int64, device=keys.device)  # sorted: by stream, then prefix
+    if not tags:
+        return keys.new_empty(0), 0
+    tagged = ((rows << bits) + (keys >> (shift + _DIGIT)) + offset).reshape(-1)  # (R·n)
+    block = torch.searchsorted(wanted, tagged).clamp_(max=len(tags) - 1)
+    hit = wanted[block] == tagged
+    digit = (keys >> shift).reshape(-1)[hit] & (_BINS - 1)
+    return block[hit] * _BINS + digit, len(tags)
+
+
 def streamed_order_statistics(
     scan: Scanner[Any],
     values: Callable[[Tensor, UnitContext], Tensor],
@@ -163,38 +193,36 @@ def streamed_order_statistics(
     lock = threading.Lock()
     widths: set[int] = set()
 
-    def histogram_scan(level: int, prefixes: list[list[int]] | None) -> list[Tensor]:
-        """Counts of the key's digit ``level`` per stream, among keys starting with a wanted prefix."""
-        totals: dict[int, Tensor] = {}
+    def histogram(level: int, prefixes: list[list[int]] | None) -> list[Tensor]:
+        """One scan: per stream, the counts of digit ``level`` (one 65536-block per wanted prefix)."""
+        total: list[Tensor] = []
 
         def one(task_vectors: Tensor, ctx: UnitContext) -> None:
-            keys, width = ordered_keys(values(task_vectors, ctx))  # (R, n_unit)
-            shift = width - _DIGIT * (level + 1)
-            local = []
-            for row in range(keys.shape[0]):
-                row_keys = keys[row]
-                if prefixes is None:  # the top digit, shifted to be non-negative
-                    slot, blocks = (row_keys >> shift) + _BINS // 2, 1
+            unit = values(task_vectors, ctx)  # (R, n_unit)
+            step = max(1, _CHUNK // max(1, unit.shape[1]))
+            for first in range(0, unit.shape[0], step):
+                keys, width = ordered_keys(unit[first : first + step])  # (r, n_unit)
+                slots, blocks = _digit_slots(keys, width, level, prefixes, first, unit.shape[0])
+                if slots.numel() * 8 < blocks * _BINS:  # few values: count only the slots they hit
+                    hit_slots, hits = (x.cpu() for x in torch.unique(slots, return_counts=True))
                 else:
-                    wanted = torch.tensor(prefixes[row], dtype=torch.int64, device=keys.device)  # sorted
-                    high = row_keys >> (shift + _DIGIT)
-                    where = torch.searchsorted(wanted, high).clamp_(max=max(len(wanted) - 1, 0))
-                    hit = wanted[where] == high if len(wanted) else torch.zeros_like(high, dtype=torch.bool)
-                    slot = where[hit] * _BINS + ((row_keys[hit] >> shift) & (_BINS - 1))
-                    blocks = len(wanted)
-                local.append(torch.bincount(slot, minlength=blocks * _BINS).cpu())
-            with lock:
-                widths.add(width)
-                for row, counts in enumerate(local):
-                    totals[row] = totals[row] + counts if row in totals else counts
+                    hit_slots, hits = None, torch.bincount(slots, minlength=blocks * _BINS).cpu()
+                with lock:
+                    widths.add(width)
+                    if not total:
+                        total.append(torch.zeros(blocks * _BINS, dtype=torch.int64))
+                    if hit_slots is None:
+                        total[0] += hits
+                    else:
+                        total[0].index_add_(0, hit_slots, hits)
 
         scan(one)
-        if len(widths) != 1:
+        if len(widths) != 1 or not total:
             raise ValueError("order statistics need at least one unit, all of one float dtype")
-        return [totals[row] for row in range(len(totals))]
+        sizes = [1] * (total[0].numel() // _BINS) if prefixes is None else [len(p) for p in prefixes]
+        return list(total[0].split([size * _BINS for size in sizes]))
 
-    counts = histogram_scan(0, None)
-    width = widths.pop()
+    counts = histogram(0, None)
     lengths = [int(c.sum()) for c in counts]
     wanted_ranks = [list(r) for r in (ranks(lengths) if callable(ranks) else ranks)]
     if len(wanted_ranks) != len(lengths):
@@ -202,25 +230,23 @@ def streamed_order_statistics(
     for row, (row_ranks, n) in enumerate(zip(wanted_ranks, lengths, strict=True)):
         if any(not 0 <= r < n for r in row_ranks):
             raise ValueError(f"order statistics: a rank of stream {row} is outside 0..{n - 1}")
-    # per wanted rank: (the key's digits found so far, the rank among keys with those digits)
+    width = next(iter(widths))
+    # per wanted rank: (the key's digits found so far, the rank among the keys sharing them)
     found = [[(0, r) for r in row_ranks] for row_ranks in wanted_ranks]
-    level = 0
-    while True:
+    for level in range(width // _DIGIT):
+        if level:
+            counts = histogram(level, [sorted({prefix for prefix, _ in row}) for row in found])
         for row, row_found in enumerate(found):
-            blocks = sorted({prefix for prefix, _ in row_found})
+            prefixes = sorted({prefix for prefix, _ in row_found})
             for j, (prefix, rank) in enumerate(row_found):
-                block = blocks.index(prefix) if level else 0
+                block = prefixes.index(prefix) if level else 0
                 cum = counts[row][block * _BINS : (block + 1) * _BINS].cumsum(0)  # (65536,)
                 digit = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
                 below = int(cum[digit - 1]) if digit else 0
                 key = digit - _BINS // 2 if level == 0 else prefix * _BINS + digit
                 row_found[j] = (key, rank - below)
-        level += 1
-        if _DIGIT * level >= width:
-            break
-        counts = histogram_scan(level, [sorted({prefix for prefix, _ in row_found}) for row_found in found])
-    dtype = torch.float64 if width == 64 else torch.float32
+    empty = torch.empty(0, dtype=torch.float64 if width == 64 else torch.float32)
     return [
-        torch.stack([_key_to_value(key, width) for key, _ in row_found]) if row_found else torch.empty(0, dtype=dtype)
+        torch.stack([_key_to_value(key, width) for key, _ in row_found]) if row_found else empty
         for row_found in found
     ]

@@ -13,7 +13,9 @@ from .steps import check_weights, weighted_sum
 
 
 class TaskArithmeticParams(Hyperparameters):
-    weights: list[float] | None = Field(None, description="one weight per fine-tuned model, applied to Δ_t first")
+    weights: list[float] | None = Field(
+        None, description="one weight per fine-tuned model, applied to Δ_t first"
+    )
 
 
 @register("task_arithmetic")

@@ -19,7 +19,10 @@ from .steps import streamed_order_statistics
 
 class TiesParams(Hyperparameters):
     k: float = Field(
-        0.2, gt=0, le=100, description="share of each task vector kept by magnitude; values > 1 are percent (20 = 0.2)"
+        0.2,
+        gt=0,
+        le=100,
+        description="share of each task vector kept by magnitude; values > 1 are percent (20 = 0.2)",
     )
     scope: Literal["global", "tensor"] = Field(
         "global", description="one threshold per task over the whole model (reference) or per tensor"
@@ -34,7 +37,7 @@ class TiesParams(Hyperparameters):
 class TiesStats:
     """What the global first passes find: each task's trim threshold and the majority sign."""
 
-    thresholds: Tensor  # (T,) keep |x| >= τ_t
+    thresholds: Tensor  # (T,) keep |x| >= τ_t (or a single 0 when nothing is trimmed)
     majority_sign: float  # sign(Σ over every entry of the elected sign), the fallback where s = 0
 
 
@@ -49,7 +52,7 @@ def trim_rank(n: int, keep_fraction: float) -> int | None:
 
 def trim(flat: Tensor, thresholds: Tensor) -> Tensor:
     """Step 1: zero every entry below its task's threshold; ties at τ are kept. (T, n) -> (T, n)."""
-    return flat * (flat.abs() >= thresholds.to(flat)[:, None])
+    return flat * (flat.abs() >= thresholds.to(flat).reshape(-1, 1))
 
 
 def elect_sign(trimmed: Tensor, majority_sign: float | None = None) -> Tensor:
@@ -84,7 +87,9 @@ class Ties(Method):
     }
     single_model_identity = False
     order_invariant = True
-    summary = "trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing values"
+    summary = (
+        "trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing values"
+    )
 
     def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> TiesStats:
         """Pass 1–2: each task's exact threshold over all parameters; pass 3: Σ of the elected signs."""
@@ -94,10 +99,13 @@ class Ties(Method):
             return task_vectors.reshape(task_vectors.shape[0], -1).abs()  # (T, n_unit)
 
         def threshold_ranks(lengths: list[int]) -> list[list[int]]:
-            return [[r] if (r := trim_rank(n, p.keep_fraction)) is not None else [] for n in lengths]
+            return [[n - int(n * p.keep_fraction) - 1] for n in lengths]  # k < 1: m < n
 
-        found = streamed_order_statistics(scan, magnitudes, threshold_ranks)
-        thresholds = torch.stack([t[0] if len(t) else torch.zeros((), dtype=t.dtype) for t in found])  # (T,)
+        if p.keep_fraction >= 1:  # nothing is trimmed
+            thresholds = torch.zeros(())
+        else:
+            found = streamed_order_statistics(scan, magnitudes, threshold_ranks)
+            thresholds = torch.cat(found)  # (T,)
 
         def sign_total(task_vectors: Tensor, ctx: UnitContext) -> int:
             flat = task_vectors.reshape(task_vectors.shape[0], -1)

@@ -62,8 +62,9 @@ def pretrain(
         for b in range(steps_per_epoch):
             index = order[b * batch : (b + 1) * batch]
             rot = torch.randint(0, 4, (len(index),), generator=gen)
-            x = images[index]
-            x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, rot, strict=True)])
+            x = images[index].clone()
+            for k in range(1, 4):
+                x[rot == k] = torch.rot90(x[rot == k], k, dims=(2, 3))
             target = domains[index] * 4 + rot
             for group in optimiser.param_groups:
                 group["lr"] = lr * _cosine_lr(step, total, max(1, total // 20))

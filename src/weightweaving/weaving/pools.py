@@ -84,7 +84,12 @@ class MagMaxPool(Pool):
             candidates = [i for i, v in enumerate(values) if abs(v) == top]
         else:
             low, high = min(values), max(values)
-            candidates = sorted({max(i for i, v in enumerate(values) if v == low), max(i for i, v in enumerate(values) if v == high)})
+            candidates = sorted(
+                {
+                    max(i for i, v in enumerate(values) if v == low),
+                    max(i for i, v in enumerate(values) if v == high),
+                }
+            )
         for i in candidates:  # member order, so later members still win ties
             self._fold(form.at(values[i]))
 
@@ -100,7 +105,9 @@ class RandomPool(Pool):
 
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
         gen = ctx.generator("weave-random-pool")
-        self.choice = torch.randint(num_members, tuple(like.shape), generator=gen, dtype=torch.int64).to(like.device)
+        self.choice = torch.randint(num_members, tuple(like.shape), generator=gen, dtype=torch.int64).to(
+            like.device
+        )
         self.out = torch.zeros_like(like)
 
     def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
@@ -111,7 +118,9 @@ class RandomPool(Pool):
         if form.slope is None:
             self.out = torch.where(mask, form.offset, self.out)  # type: ignore[arg-type]
             return
-        lam_table = torch.tensor([1.0 if lam is None else lam for lam in lams], dtype=self.out.dtype, device=self.out.device)
+        lam_table = torch.tensor(
+            [1.0 if lam is None else lam for lam in lams], dtype=self.out.dtype, device=self.out.device
+        )
         lam_each = lam_table[local.clamp(0, len(lams) - 1)]
         value = lam_each * form.slope if form.offset is None else form.offset + lam_each * form.slope
         self.out = torch.where(mask, value, self.out)

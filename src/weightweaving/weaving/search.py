@@ -7,6 +7,7 @@ in λ form one group: the method runs once per group and every λ of the group i
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,9 @@ def parse_lambdas(spec: str | float | Sequence[float] | None) -> list[float] | N
             else:
                 values = [float(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise OptionError(f"--lambdas '{spec}' is neither start:stop:step nor a comma-separated list") from None
+            raise OptionError(
+                f"--lambdas '{spec}' is neither start:stop:step nor a comma-separated list"
+            ) from None
     else:
         try:
             values = [float(x) for x in spec]
@@ -53,6 +56,8 @@ def parse_lambdas(spec: str | float | Sequence[float] | None) -> list[float] | N
             raise OptionError(f"lambdas {spec!r} must be numbers") from None
     if not values:
         raise OptionError("the λ search space is empty")
+    if not all(math.isfinite(v) for v in values):
+        raise OptionError(f"--lambdas {spec!r} holds a value that is not a finite number")
     return values
 
 

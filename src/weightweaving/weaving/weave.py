@@ -73,13 +73,19 @@ class Weaver:
                 yield self.method.compute(task_vectors, p, unit_ctx), group.lams
             else:  # the general path: f evaluated afresh at every point
                 for lam in group.lams:
-                    yield LamForm(offset=self.method.merge_unit(task_vectors, p, lam, unit_ctx), slope=None), (lam,)
+                    yield (
+                        LamForm(offset=self.method.merge_unit(task_vectors, p, lam, unit_ctx), slope=None),
+                        (lam,),
+                    )
 
     def members(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
         """Every member of A* stacked (N, *shape); for global pool statistics and for tests."""
         out = []
         for form, lams in self._member_groups(task_vectors, ctx):
-            out.extend(form.at(1.0 if lam is None else lam) if form.slope is not None else form.offset for lam in lams)
+            out.extend(
+                form.at(1.0 if lam is None else lam) if form.slope is not None else form.offset
+                for lam in lams
+            )
         return torch.stack(out)
 
     def __call__(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
@@ -149,7 +155,9 @@ def weave(
     """
     chosen = get_method(method)
     lam_list = parse_lambdas(lambdas)
-    groups = build_groups(chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points)
+    groups = build_groups(
+        chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points
+    )
     weaver = Weaver(method, groups, make_pool(pool, pool_hyperparameters), pool_over, closed_form=closed_form)
     if out is not None:
         from ..api import check_output
@@ -187,6 +195,13 @@ def weave(
             "exclude": list(exclude or []),
             "dtype": str(dtype) if dtype is not None else None,
         }
-        return deliver(job, job.runner.run(weaver, desc="weaving"), out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+        return deliver(
+            job,
+            job.runner.run(weaver, desc="weaving"),
+            out=out,
+            overwrite=overwrite,
+            shard_size=shard_size,
+            record=record,
+        )
     finally:
         job.close()

@@ -1,0 +1,158 @@
+"""The paper's three protocols as merge problems, and the sweep that scores every method on them.
+
+A setup is a list of *problems*: the fine-tuned models to merge and an evaluation that maps a merged
+encoder to per-task accuracies. Multi-task is one problem (merge all eight, score each task with its
+head); domain generalisation is one problem per held-out task (merge the other seven, score the
+held-out one); continual learning is one problem per class-incremental benchmark (merge the N task
+vectors, score all classes with one head). The setup's accuracy at λ is the union over problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import mean
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import train
+from .data import Split
+from .merging import merge_family, paper_grid, weave
+from .zoo import StateDict, Zoo
+
+Scores = dict[str, float]
+SETUPS = ("multitask", "continual", "domain")
+
+
+@dataclass
+class Problem:
+    finetuned: list[StateDict]
+    evaluate: Callable[[StateDict], Scores]
+
+
+def _scorer(zoo: Zoo, items: list[tuple[str, Split, Tensor]]) -> Callable[[StateDict], Scores]:
+    cfg = zoo.recipe.vit
+
+    def evaluate(state: StateDict) -> Scores:
+        return {name: train.accuracy(cfg, state, split, head) for name, split, head in items}
+
+    return evaluate
+
+
+def problems(zoo: Zoo, setup: str) -> list[Problem]:
+    tasks = zoo.tasks
+    if setup == "multitask":
+        items = [(t.name, t.test, zoo.heads[t.name]) for t in tasks]
+        return [Problem([zoo.finetuned[t.name] for t in tasks], _scorer(zoo, items))]
+    if setup == "domain":
+        return [
+            Problem(
+                [zoo.finetuned[o.name] for o in tasks if o.name != t.name],
+                _scorer(zoo, [(t.name, t.test, zoo.heads[t.name])]),
+            )
+            for t in tasks
+        ]
+    head, test = zoo.heads["continual"], zoo.continual_task.test
+    return [Problem(run.sequential, _scorer(zoo, [(f"split{run.n_tasks}", test, head)])) for run in zoo.continual]
+
+
+def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
+    """Zero-shot heads on the pre-trained encoder, and the individual fine-tuned models."""
+    cfg = zoo.recipe.vit
+    if setup in ("multitask", "domain"):
+        zero = {t.name: train.accuracy(cfg, zoo.pretrained, t.test, zoo.heads[t.name]) for t in zoo.tasks}
+        own = {t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name]) for t in zoo.tasks}
+        out = {"zero_shot": _entry(zero), "individual": _entry(own)}
+        if setup == "domain":
+            out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
+        return out
+    test, head = zoo.continual_task.test, zoo.heads["continual"]
+    zero_acc = train.accuracy(cfg, zoo.pretrained, test, head)
+    zero, own, seq = {}, {}, {}
+    for run in zoo.continual:
+        key = f"split{run.n_tasks}"
+        zero[key] = zero_acc
+        own[key] = _routed_accuracy(zoo, run.individual, run.class_groups)
+        seq[key] = train.accuracy(cfg, run.sequential[-1], test, head)
+    individual = _entry(own)
+    individual["note"] = "each test image scored over all classes by the model fine-tuned on its class's task"
+    sequential = _entry(seq)
+    sequential["note"] = "the last model of sequential fine-tuning (no merging)"
+    return {"zero_shot": _entry(zero), "individual": individual, "sequential_finetuning": sequential}
+
+
+def _routed_accuracy(zoo: Zoo, models: list[StateDict], groups: list[list[int]]) -> float:
+    test, head = zoo.continual_task.test, zoo.heads["continual"]
+    correct = 0
+    for state, group in zip(models, groups, strict=True):
+        index = torch.nonzero(torch.isin(test.labels, torch.tensor(group))).flatten()
+        correct += len(index) * train.accuracy(zoo.recipe.vit, state, test.subset(index), head) / 100
+    return 100.0 * correct / len(test)
+
+
+def _entry(per_task: Scores) -> dict[str, object]:
+    return {"per_task": dict(per_task), "average": mean(per_task.values())}
+
+
+def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, bar: tqdm) -> dict[str, object]:
+    """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
+    grid = paper_grid(method, setup, stride)
+    weave_grid = paper_grid(method, setup, 1)
+    sweep: dict[float, Scores] = {lam: {} for lam in grid}
+    woven: dict[str, Scores] = {pool: {} for pool in pools}
+    for problem in problems(zoo, setup):
+        family = merge_family(zoo.pretrained, problem.finetuned, method, zoo.seed)
+        for lam in grid:
+            sweep[lam].update(problem.evaluate(family(lam)))
+        for pool in pools:
+            merged = weave(zoo.pretrained, problem.finetuned, method, weave_grid, pool, zoo.seed, family)
+            woven[pool].update(problem.evaluate(merged))
+        bar.update(1)
+    averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
+    best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+    tuned = _entry(sweep[best])
+    tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
+    names = list(sweep[grid[0]])
+    return {
+        "tuned": tuned,
+        "data_free": _entry(sweep[1.0]),
+        "weave": _entry(woven["mean"]),
+        "weave_pools": {pool: _entry(scores) for pool, scores in woven.items()},
+        "sweep": {"lambdas": grid, "per_task": {n: [sweep[lam][n] for lam in grid] for n in names}},
+        "best_lam_per_task": {n: max(grid, key=lambda lam, n=n: sweep[lam][n]) for n in names},
+        "weave_lambdas": weave_grid,
+    }
+
+
+def n_problems(zoo: Zoo, setup: str) -> int:
+    return {"multitask": 1, "domain": len(zoo.tasks), "continual": len(zoo.continual)}[setup]
+
+
+def interference(zoo: Zoo, lam: float) -> dict[str, object]:
+    """Task i's accuracy change under ``θ_pre + λ Δ_j`` (row i, column j), relative to zero-shot."""
+    names = [t.name for t in zoo.tasks]
+    evaluate = problems(zoo, "multitask")[0].evaluate
+    zero = evaluate(zoo.pretrained)
+    matrix = []
+    for j in names:
+        state = {k: zoo.pretrained[k] + lam * (zoo.finetuned[j][k] - zoo.pretrained[k]) for k in zoo.pretrained}
+        scores = evaluate(state)
+        matrix.append([scores[i] - zero[i] for i in names])
+    rows = [[matrix[j][i] for j in range(len(names))] for i in range(len(names))]  # rows: evaluated task
+    off = [rows[i][j] for i in range(len(names)) for j in range(len(names)) if i != j]
+    return {
+        "lam": lam,
+        "tasks": names,
+        "delta": rows,
+        "own_gain": mean(rows[i][i] for i in range(len(names))),
+        "cross_effect": mean(off) if off else 0.0,
+    }
+
+
+def cosine_matrix(pretrained: StateDict, models: list[StateDict]) -> list[list[float]]:
+    """Cosine similarity of the task vectors ``θ_t − θ_pre`` (all parameters, flattened)."""
+    vectors = torch.stack([torch.cat([(m[k] - pretrained[k]).flatten() for k in sorted(pretrained)]) for m in models])
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    return (unit @ unit.T).tolist()

@@ -1,0 +1,130 @@
+"""``run_suite``: build (or load) the zoo, score every method in the three setups, write the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import weightweaving
+
+from . import protocols, report
+from .cache import CheckpointCache, default_cache_dir
+from .merging import available_methods
+from .profiles import POOLS, PROFILES
+from .zoo import build_zoo
+
+log = logging.getLogger("weightweaving.suite")
+
+
+def run_suite(
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    out: str | Path = "runs/suite",
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+    profile: str | None = None,
+) -> Path:
+    """Run the paper's three setups (multi-task, continual learning, domain generalisation) on a CPU.
+
+    Args:
+        quick: the CI profile (under 2 minutes) instead of the full one (under 10 minutes).
+        seed: seeds data, pre-training, fine-tuning and random pools; the same seed gives the same run.
+        out: parent folder; the run goes to ``<out>/<profile>-seed<seed>``.
+        cache_dir: where checkpoints are cached by a hash of their recipe
+            (default ``~/.cache/weightweaving/suite``); a second run only merges and evaluates.
+        progress: show progress bars (default: when stderr is a terminal).
+        profile: a named recipe from ``PROFILES`` (overrides ``quick``; ``"micro"`` is for tests).
+
+    Returns:
+        The run folder, holding ``report.md``, ``results.json``, ``config.json`` and the PNG plots.
+
+    Example:
+        >>> from weightweaving.suite import run_suite
+        >>> folder = run_suite(quick=True)  # doctest: +SKIP
+    """
+    name = profile or ("quick" if quick else "full")
+    if name not in PROFILES:
+        raise weightweaving.WeightWeavingError(f"unknown suite profile '{name}'; valid: {', '.join(PROFILES)}")
+    recipe = PROFILES[name]
+    show = sys.stderr.isatty() if progress is None else progress
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    folder = Path(out) / f"{name}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = CheckpointCache(cache_dir if cache_dir is not None else default_cache_dir())
+
+    zoo = build_zoo(recipe, seed, cache, show)
+    trained = time.perf_counter()
+    methods = available_methods(recipe.methods)
+    results: dict[str, Any] = {}
+    total = sum(len(methods) * protocols.n_problems(zoo, s) for s in protocols.SETUPS)
+    with tqdm(total=total, desc="merge+evaluate", disable=not show, leave=False) as bar:
+        for setup in protocols.SETUPS:
+            results[setup] = protocols.baselines(zoo, setup)
+            for method in methods:
+                bar.set_postfix(setup=setup, method=method)
+                results[setup][method] = protocols.score_method(zoo, setup, method, POOLS, recipe.grid_stride, bar)
+    diagnostics = {
+        "interference": [protocols.interference(zoo, lam) for lam in recipe.interference_lams],
+        "cosine": _cosines(zoo),
+        "multitask_task_vector_cosine": _mean_offdiag(
+            protocols.cosine_matrix(zoo.pretrained, [zoo.finetuned[t.name] for t in zoo.tasks])
+        ),
+    }
+    finished = time.perf_counter()
+    meta = {
+        "profile": name,
+        "seed": seed,
+        "recipe": dataclasses.asdict(recipe),
+        "methods": methods,
+        "methods_skipped": [m for m in recipe.methods if m not in methods],
+        "weave_source": "weightweaving.weave" if hasattr(weightweaving, "weave") else "suite closed form",
+        "cache_dir": str(cache.directory),
+        "cache": {"hits": cache.hits, "misses": cache.misses},
+        "seconds": {"train_or_load": round(trained - started, 1), "total": round(finished - started, 1)},
+        "versions": {
+            "weightweaving": weightweaving.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (folder / "results.json").write_text(json.dumps({"results": results, "diagnostics": diagnostics, "meta": meta}, indent=1))
+    (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    report.plots(results, diagnostics, folder)
+    (folder / "report.md").write_text(report.markdown(results, diagnostics, meta))
+    print(report.summary(results, diagnostics))
+    print(f"suite ({name}, seed {seed}) done in {finished - started:.0f} s; report: {folder / 'report.md'}")
+    return folder
+
+
+def _mean_offdiag(matrix: list[list[float]]) -> float:
+    n = len(matrix)
+    values = [matrix[i][j] for i in range(n) for j in range(n) if i != j]
+    return mean(values) if values else 0.0
+
+
+def _cosines(zoo: Any) -> dict[str, Any]:
+    out = {}
+    for run in zoo.continual:
+        seq = protocols.cosine_matrix(zoo.pretrained, run.sequential)
+        ind = protocols.cosine_matrix(zoo.pretrained, run.individual)
+        consecutive = [seq[t][t + 1] for t in range(len(seq) - 1)]
+        out[f"split{run.n_tasks}"] = {
+            "sequential": seq,
+            "individual": ind,
+            "sequential_mean_offdiag": _mean_offdiag(seq),
+            "individual_mean_offdiag": _mean_offdiag(ind),
+            "sequential_consecutive": mean(consecutive) if consecutive else 0.0,
+        }
+    return out
