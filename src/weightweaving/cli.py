@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -63,8 +63,15 @@ def _scalar(text: str) -> Any:
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line like every other mistake (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="weightweaving",
         description="Merge fine-tuned models into their pre-trained base without data, with Weight Weaving.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -36,7 +36,8 @@ def test_symlinks_unicode_spaces_and_long_names(tmp_path):
     (links / "ft0.safetensors").symlink_to(ms[0])
     target = tmp_path / "real output target"
     (links / "out").symlink_to(target, target_is_directory=True)  # dangling until the merge writes it
-    (links / "existing").symlink_to(odd, target_is_directory=True)  # an existing folder: needs --overwrite
+    (tmp_path / "earlier merge").mkdir()
+    (links / "existing").symlink_to(tmp_path / "earlier merge", target_is_directory=True)  # needs --overwrite
     shape_bad = save_safetensors(odd / "bad ✗.safetensors", {**tuned[1], long_name: torch.ones(3)})
     res = run_cli_many(
         {

@@ -7,6 +7,7 @@ linear or affine in λ is called once per group of points that differ only in λ
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,12 +91,13 @@ class Weaver:
 
     def __call__(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
         num = self.num_merged + (task_vectors.shape[0] if self.pool_over == "all" else 0)
-        self.pool.begin(num, task_vectors[0], ctx)
+        pool = copy.copy(self.pool)  # per-unit state: executors may run several units at once
+        pool.begin(num, task_vectors[0], ctx)
         index = 0
         for form, lams in self._member_groups(task_vectors, ctx):
-            self.pool.add(form, lams, index)
+            pool.add(form, lams, index)
             index += len(lams)
-        return self.pool.result()
+        return pool.result()
 
 
 def weave(
