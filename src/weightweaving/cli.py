@@ -92,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--models", nargs="+", metavar="PATH", help=_help("models"))
     m.add_argument("--method", help=_help("method"))
     m.add_argument("--lambda", dest="lam", type=float, metavar="X", help=_help("lam"))
-    m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter of the method (repeatable)")
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter of the method (repeatable)",
+    )
     m.add_argument("--out", help=_help("out"))
     m.add_argument("--device", help=_help("device"))
     m.add_argument("--dtype", help=_help("dtype"))
@@ -107,12 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", default=None, help=_help("allow_nonfinite"))
     w = m.add_argument_group("Weight Weaving")
     w.add_argument("--weave", action="store_true", help="pool merges over a search space instead of one λ")
-    w.add_argument("--lambdas", metavar="SPEC", help="λ search space: start:stop:step or a,b,c (default: the paper's range)")
+    w.add_argument(
+        "--lambdas",
+        metavar="SPEC",
+        help="λ search space: start:stop:step or a,b,c (default: the paper's range)",
+    )
     w.add_argument("--pool", help="mean (default), random, magmax, or a method name")
-    w.add_argument("--pool-set", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter of a method pool")
-    w.add_argument("--pool-over", choices=["all", "merged"], help="all: task vectors and merged vectors (default); merged: merged only")
-    w.add_argument("--setup", choices=["multitask", "continual", "domain"], help="whose paper λ range to default to")
-    w.add_argument("--search", action="append", default=[], metavar="NAME=v1,v2", help="search over another hyperparameter (repeatable: a grid)")
+    w.add_argument(
+        "--pool-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter of a method pool",
+    )
+    w.add_argument(
+        "--pool-over",
+        choices=["all", "merged"],
+        help="all: task vectors and merged vectors (default); merged: merged only",
+    )
+    w.add_argument(
+        "--setup", choices=["multitask", "continual", "domain"], help="whose paper λ range to default to"
+    )
+    w.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="NAME=v1,v2",
+        help="search over another hyperparameter (repeatable: a grid)",
+    )
     _common(m)
 
     meth = sub.add_parser("methods", help="list the merge methods, their hyperparameters and λ ranges")
@@ -151,11 +179,21 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
     for item in args.set:
         name, value = _parse_assignment(item, "--set")
         if name in reserved_names():
-            raise OptionError(f"--set {name}: '{name}' is an option of its own ({option_flag(name)}), not a hyperparameter")
+            raise OptionError(
+                f"--set {name}: '{name}' is an option of its own ({option_flag(name)}), not a hyperparameter"
+            )
         hyper[name] = _scalar(value)
     if hyper:
         values["hyperparameters"] = hyper
-    weave_flags = args.weave or args.lambdas or args.pool or args.pool_over or args.setup or args.search or args.pool_set
+    weave_flags = (
+        args.weave
+        or args.lambdas
+        or args.pool
+        or args.pool_over
+        or args.setup
+        or args.search
+        or args.pool_set
+    )
     if weave_flags:
         if not args.weave and "weave" not in values:
             raise OptionError("--lambdas, --pool, --pool-over, --setup and --search need --weave")
@@ -204,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
     try:
         if args.command == "merge":
             options = _merge_options(args)

@@ -17,9 +17,16 @@ class WeightWeavingError(Exception):
         if parameter is not None:
             parts.append(f"parameter '{parameter}'")
         parts.append(message)
-        super().__init__(" ".join(parts))
+        super().__init__(_one_line(" ".join(parts)))
         self.path = path
         self.parameter = parameter
+
+
+def _one_line(text: str) -> str:
+    """Escape newlines and other control characters (a hostile file can put them in a name)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class OptionError(WeightWeavingError):

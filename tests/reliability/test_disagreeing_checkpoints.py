@@ -21,14 +21,27 @@ def runs(tmp_path_factory):
     base, tuned = toy_models(2)
     b = save_safetensors(d / "base.safetensors", base)
     ft0 = save_safetensors(d / "ft0.safetensors", tuned[0])
-    missing = save_safetensors(d / "missing.safetensors", {k: v for k, v in tuned[1].items() if k != "ln.weight"})
-    extra = save_safetensors(d / "extra.safetensors", {**tuned[1], "head.weight": torch.ones(3), "head.bias": torch.ones(1)})
+    missing = save_safetensors(
+        d / "missing.safetensors", {k: v for k, v in tuned[1].items() if k != "ln.weight"}
+    )
+    extra = save_safetensors(
+        d / "extra.safetensors", {**tuned[1], "head.weight": torch.ones(3), "head.bias": torch.ones(1)}
+    )
     shape = save_safetensors(d / "shape.safetensors", {**tuned[1], "ln.weight": torch.ones(9)})
-    other_arch = save_safetensors(d / "other.safetensors", {f"encoder.layer.{i}.weight": torch.ones(4) for i in range(3)})
+    other_arch = save_safetensors(
+        d / "other.safetensors", {f"encoder.layer.{i}.weight": torch.ones(4) for i in range(3)}
+    )
     # mixed dtypes: fp32 base, fp16 and bf16 models; and a bf16 base with fp32 models
-    ft_half = save_safetensors(d / "half.safetensors", {k: v.half() if v.is_floating_point() else v for k, v in tuned[0].items()})
-    ft_bf16 = save_safetensors(d / "bf16.safetensors", {k: v.bfloat16() if v.is_floating_point() else v for k, v in tuned[1].items()})
-    base_bf16 = save_safetensors(d / "base_bf16.safetensors", {k: v.bfloat16() if v.is_floating_point() else v for k, v in base.items()})
+    ft_half = save_safetensors(
+        d / "half.safetensors", {k: v.half() if v.is_floating_point() else v for k, v in tuned[0].items()}
+    )
+    ft_bf16 = save_safetensors(
+        d / "bf16.safetensors", {k: v.bfloat16() if v.is_floating_point() else v for k, v in tuned[1].items()}
+    )
+    base_bf16 = save_safetensors(
+        d / "base_bf16.safetensors",
+        {k: v.bfloat16() if v.is_floating_point() else v for k, v in base.items()},
+    )
     # a sharded checkpoint whose index names a shard that is not there
     sharded = d / "sharded"
     save_hf_folder(sharded, {})
@@ -36,8 +49,12 @@ def runs(tmp_path_factory):
     first = {k: v for i, (k, v) in enumerate(tuned[1].items()) if i % 2 == 0}
     second = {k: v for i, (k, v) in enumerate(tuned[1].items()) if i % 2 == 1}
     save_safetensors(sharded / "model-00001-of-00002.safetensors", first)
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in first} | {k: "model-00002-of-00002.safetensors" for k in second}
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first} | {
+        k: "model-00002-of-00002.safetensors" for k in second
+    }
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     cases = {
         "missing": [b, ft0, missing],
         "extra": [b, ft0, extra],
@@ -47,15 +64,34 @@ def runs(tmp_path_factory):
         "sharded_missing_shard": [b, ft0, sharded],
         "common_only": [b, ft0, missing, extra, "--common-only", "--lambda", "0.5"],
         "mixed_dtypes": [b, ft_half, ft_bf16, "--lambda", "0.5"],
-        "bf16_base": [base_bf16, ft0, tuned_file := save_safetensors(d / "ft1.safetensors", tuned[1]), "--lambda", "0.5"],
+        "bf16_base": [
+            base_bf16,
+            ft0,
+            tuned_file := save_safetensors(d / "ft1.safetensors", tuned[1]),
+            "--lambda",
+            "0.5",
+        ],
     }
     argv = {
-        name: ["merge", "--base", args[0], "--models", *[a for a in args[1:] if not str(a).startswith("--") and not _is_number(a)]]
+        name: [
+            "merge",
+            "--base",
+            args[0],
+            "--models",
+            *[a for a in args[1:] if not str(a).startswith("--") and not _is_number(a)],
+        ]
         + _flags(args)
         + ["--out", d / f"out_{name}"]
         for name, args in cases.items()
     }
-    files = {"base": b, "missing": missing, "extra": extra, "shape": shape, "other": other_arch, "sharded": sharded}
+    files = {
+        "base": b,
+        "missing": missing,
+        "extra": extra,
+        "shape": shape,
+        "other": other_arch,
+        "sharded": sharded,
+    }
     tensors = {"base": base, "tuned": tuned, "tuned_file": tuned_file}
     return d, files, tensors, run_cli_many(argv)
 
@@ -80,18 +116,28 @@ def _flags(args: list) -> list:
 
 def test_missing_parameter(runs):
     d, files, _, res = runs
-    assert_error(res["missing"], f"{files['missing']}: parameter 'ln.weight' is in the base but missing here; {DIFFER}", out=d / "out_missing")
+    assert_error(
+        res["missing"],
+        f"{files['missing']}: parameter 'ln.weight' is in the base but missing here; {DIFFER}",
+        out=d / "out_missing",
+    )
 
 
 def test_extra_parameters(runs):
     d, files, _, res = runs
-    assert_error(res["extra"], f"{files['extra']}: parameter 'head.bias' is not in the base (and 1 more); {DIFFER}", out=d / "out_extra")
+    assert_error(
+        res["extra"],
+        f"{files['extra']}: parameter 'head.bias' is not in the base (and 1 more); {DIFFER}",
+        out=d / "out_extra",
+    )
 
 
 def test_shape_mismatch(runs):
     d, files, _, res = runs
     assert_error(
-        res["shape"], f"{files['shape']}: parameter 'ln.weight' has shape (9,), expected (8,) as in the base", out=d / "out_shape"
+        res["shape"],
+        f"{files['shape']}: parameter 'ln.weight' has shape (9,), expected (8,) as in the base",
+        out=d / "out_shape",
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
@@ -96,6 +95,11 @@ MALFORMED = {
         F32_4,
         "parameter 'w' corrupt safetensors file: entry lacks dtype, shape or data_offsets",
     ),
+    "control_chars_in_name": (  # printed escaped: the error stays one line, no terminal escapes
+        {"bad\nname\x1b[2J": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}},
+        F32_4,
+        "parameter 'bad\\nname\\x1b[2J' unsupported dtype 'F99'",
+    ),
     "duplicate_name": (None, F32_4, "parameter 'w' appears twice in the header: the file is corrupt"),
     "truncated": (None, b"", None),  # a real file cut short, built below
     "empty": (None, b"", "not a safetensors file: it is empty"),
@@ -117,7 +121,9 @@ def hostile(tmp_path_factory):
         path = folder / f"{name}.safetensors"
         if name == "header_too_long":
             path.write_bytes((10**6).to_bytes(8, "little") + b'{"w":{}}')
-            message = f"corrupt safetensors file: header length 1000000 exceeds the file size {path.stat().st_size}"
+            message = (
+                f"corrupt safetensors file: header length 1000000 exceeds the file size {path.stat().st_size}"
+            )
         elif name == "header_not_json":
             raw_safetensors(path, None, header_bytes=b"{not json at all" + b" " * 8)
         elif name == "header_deeply_nested":
@@ -126,7 +132,9 @@ def hostile(tmp_path_factory):
             entry = '{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}'
             raw_safetensors(path, None, data, header_bytes=f'{{"w": {entry}, "w": {entry}}}'.encode())
         elif name == "truncated":
-            whole = save_safetensors(folder / "whole.safetensors", {"w": torch.arange(16, dtype=torch.float32)})
+            whole = save_safetensors(
+                folder / "whole.safetensors", {"w": torch.arange(16, dtype=torch.float32)}
+            )
             path.write_bytes(whole.read_bytes()[:-8])  # cut in the middle of the data
             message = "parameter 'w' data_offsets [0, 64] run past the end of the data (56 bytes): the file is truncated or corrupt"
         elif name == "empty":
@@ -141,7 +149,15 @@ def hostile(tmp_path_factory):
         name: ["merge", "--base", good_base, "--models", good_ft, path, "--out", folder / f"out_{name}"]
         for name, path in files.items()
     }
-    cases["pickle_as_base"] = ["merge", "--base", files["zip_pt"], "--models", good_ft, "--out", folder / "out_pickle_as_base"]
+    cases["pickle_as_base"] = [
+        "merge",
+        "--base",
+        files["zip_pt"],
+        "--models",
+        good_ft,
+        "--out",
+        folder / "out_pickle_as_base",
+    ]
     files["pickle_as_base"] = files["zip_pt"]
     expected["pickle_as_base"] = None
     results = run_cli_many(cases)
@@ -158,7 +174,9 @@ def test_hostile_pickle_is_refused_and_never_runs(hostile, name):
     assert_error(results[name], f"{shown}: {REFUSED}", out=folder / f"out_{name}", prefix=True)
     assert results[name].stderr.strip().endswith(ADVICE)
     if name in ("zip_pt", "raw_bin", "pickle_as_base", "nested_pt"):
-        assert "(Trying to load unsupported GLOBAL posix.system" in results[name].stderr  # says what it refused
+        assert (
+            "(Trying to load unsupported GLOBAL posix.system" in results[name].stderr
+        )  # says what it refused
     assert not marker.exists(), "the pickle's payload ran"
 
 
@@ -182,8 +200,12 @@ def test_garbage_pt_is_not_called_hostile(tmp_path):
             "empty": ["merge", "--base", b, "--models", empty, "--out", tmp_path / "o2"],
         }
     )
-    assert_error(res["junk"], f"{junk}: not a readable PyTorch checkpoint: ", out=tmp_path / "o1", prefix=True)
-    assert_error(res["empty"], f"{empty}: not a readable PyTorch checkpoint: ", out=tmp_path / "o2", prefix=True)
+    assert_error(
+        res["junk"], f"{junk}: not a readable PyTorch checkpoint: ", out=tmp_path / "o1", prefix=True
+    )
+    assert_error(
+        res["empty"], f"{empty}: not a readable PyTorch checkpoint: ", out=tmp_path / "o2", prefix=True
+    )
 
 
 def test_safe_pt_still_loads(tmp_path):
@@ -192,7 +214,18 @@ def test_safe_pt_still_loads(tmp_path):
     b = save_safetensors(tmp_path / "b.safetensors", base)
     torch.save(tuned[0], tmp_path / "a.pt")
     torch.save({"state_dict": tuned[1], "epoch": 3}, tmp_path / "b.bin")
-    res = run_cli("merge", "--base", b, "--models", tmp_path / "a.pt", tmp_path / "b.bin", "--lambda", "0.5", "--out", tmp_path / "o")
+    res = run_cli(
+        "merge",
+        "--base",
+        b,
+        "--models",
+        tmp_path / "a.pt",
+        tmp_path / "b.bin",
+        "--lambda",
+        "0.5",
+        "--out",
+        tmp_path / "o",
+    )
     assert res.returncode == 0, res.stderr
     got = load_folder(tmp_path / "o")
     want = task_arithmetic(base, tuned, 0.5)

@@ -13,14 +13,16 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, load_folder, save_hf_folder, save_safetensors, toy_models
+from tests.helpers import ROOT, load_folder, save_hf_folder, save_safetensors
 
 from .util import STAGING_MARK, assert_error, leftovers, run_cli_many, task_arithmetic, write_models
 
 
 def _cli(args, **kwargs) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=120, **kwargs
+    )
 
 
 def test_unsafe_outputs_are_refused(tmp_path):
@@ -37,7 +39,16 @@ def test_unsafe_outputs_are_refused(tmp_path):
             "exists": [*merge, "--out", exists],
             "file_with_overwrite": [*merge, "--out", a_file, "--overwrite"],
             "is_base": [*merge, "--out", b, "--overwrite"],
-            "is_model_folder": ["merge", "--base", b, "--models", *folder_models, "--out", folder_models[1], "--overwrite"],
+            "is_model_folder": [
+                "merge",
+                "--base",
+                b,
+                "--models",
+                *folder_models,
+                "--out",
+                folder_models[1],
+                "--overwrite",
+            ],
             "holds_inputs": [*merge, "--out", tmp_path, "--overwrite"],
             "parent_is_file": [*merge, "--out", a_file / "merged"],
             # Tests run as root, for whom permission bits do not stop a write: /proc refuses new folders even so.
@@ -53,13 +64,20 @@ def test_unsafe_outputs_are_refused(tmp_path):
     assert_error(res["is_model_folder"], f"{folder_models[1]}: {inputs}")
     assert_error(res["holds_inputs"], f"{tmp_path}: {inputs}")
     assert load_folder(folder_models[1]).keys() == base.keys() and b.exists()
-    assert_error(res["parent_is_file"], f"{a_file / 'merged'}: cannot create the output folder: '{a_file}' is a file, not a folder")
-    assert_error(res["proc"], "/proc/weightweaving-test: cannot create the output folder: No such file or directory")
+    assert_error(
+        res["parent_is_file"],
+        f"{a_file / 'merged'}: cannot create the output folder: '{a_file}' is a file, not a folder",
+    )
+    assert_error(
+        res["proc"], "/proc/weightweaving-test: cannot create the output folder: No such file or directory"
+    )
     assert leftovers(tmp_path) == []
 
 
 def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+    signal.signal(
+        signal.SIGXFSZ, signal.SIG_IGN
+    )  # writes past the limit fail with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
 
 
@@ -131,22 +149,44 @@ def test_interrupted_merges_leave_nothing_half_done(big_models):
     out = d / "merged"
     rng = random.Random(6)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "weightweaving", "merge", "--base", b, "--models", *ms, "--lambda", "0.3", "--out", out, "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "weightweaving",
+        "merge",
+        "--base",
+        b,
+        "--models",
+        *ms,
+        "--lambda",
+        "0.3",
+        "--out",
+        out,
+        "--overwrite",
+    ]
     deadline = time.monotonic() + 60
     for attempt in range(8):
         if time.monotonic() > deadline:
             break
         sig = signal.SIGINT if attempt % 2 == 0 else signal.SIGKILL
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         mine = f"{STAGING_MARK}{proc.pid}-"
         while proc.poll() is None and not any(mine in name for name in leftovers(d)):  # the merge is writing
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 1.0))
         proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)
         assert "Traceback" not in stderr, stderr
-        if sig == signal.SIGINT:
-            assert (proc.returncode, stderr.strip()) in {(130, "error: interrupted; no output was written"), (0, "")}, stderr
+        if sig == signal.SIGINT and proc.returncode == -signal.SIGINT:
+            # the signal came as the interpreter shut down, after the merge was written
+            assert stdout.startswith("wrote ") and stderr == "" and out.exists()
+        elif sig == signal.SIGINT:
+            assert (proc.returncode, stderr.strip()) in {
+                (130, "error: interrupted; no output was written"),
+                (0, ""),
+            }
             assert leftovers(d) == []  # Ctrl-C cleans up after itself
         _assert_nothing_half_done(out, want)
     res = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=120)
@@ -154,3 +194,22 @@ def test_interrupted_merges_leave_nothing_half_done(big_models):
     assert leftovers(d) == []  # stale staging folders of killed runs are gone
     _assert_nothing_half_done(out, want)
     assert out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits; see the /proc case above")
+def test_read_only_parent(tmp_path):
+    b, ms, *_ = write_models(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        res = run_cli_many({"locked": ["merge", "--base", b, "--models", *ms, "--out", locked / "out"]})[
+            "locked"
+        ]
+    finally:
+        locked.chmod(0o755)
+    assert_error(
+        res,
+        f"{locked / 'out'}: cannot create the output folder: '{locked}' is not writable",
+        out=locked / "out",
+    )

@@ -42,9 +42,27 @@ def test_symlinks_unicode_spaces_and_long_names(tmp_path):
     res = run_cli_many(
         {
             "unicode": ["merge", "--base", b, "--models", *ms, "--out", odd / "merged ✓"],
-            "symlinks": ["merge", "--base", links / "base", "--models", links / "ft0.safetensors", ms[1], "--out", links / "out"],
+            "symlinks": [
+                "merge",
+                "--base",
+                links / "base",
+                "--models",
+                links / "ft0.safetensors",
+                ms[1],
+                "--out",
+                links / "out",
+            ],
             "existing_link": ["merge", "--base", b, "--models", *ms, "--out", links / "existing"],
-            "link_is_input": ["merge", "--base", links / "base", "--models", *ms, "--out", b.parent / "pre trained", "--overwrite"],
+            "link_is_input": [
+                "merge",
+                "--base",
+                links / "base",
+                "--models",
+                *ms,
+                "--out",
+                b.parent / "pre trained",
+                "--overwrite",
+            ],
             "long_name_error": ["merge", "--base", b, "--models", ms[0], shape_bad, "--out", odd / "never"],
         }
     )
@@ -53,8 +71,14 @@ def test_symlinks_unicode_spaces_and_long_names(tmp_path):
     assert res["symlinks"].returncode == 0, res["symlinks"].stderr
     assert (links / "out").is_symlink() and target.is_dir()  # written where the link points, link kept
     _assert_merged(target, base, tuned)
-    assert_error(res["existing_link"], f"{links / 'existing'}: the output folder exists; pass --overwrite to replace it")
-    assert_error(res["link_is_input"], f"{b.parent / 'pre trained'}: the output folder is one of the inputs; choose another --out")
+    assert_error(
+        res["existing_link"],
+        f"{links / 'existing'}: the output folder exists; pass --overwrite to replace it",
+    )
+    assert_error(
+        res["link_is_input"],
+        f"{b.parent / 'pre trained'}: the output folder is one of the inputs; choose another --out",
+    )
     assert_error(
         res["long_name_error"],
         f"{shape_bad}: parameter '{long_name}' has shape (3,), expected (8,) as in the base",

@@ -57,7 +57,9 @@ def test_nan_refused_naming_file_and_parameter(runs):
 
 def test_inf_in_base_refused(runs):
     d, files, *_, res = runs
-    assert_error(res["inf_base"], f"{files['base_inf']}: parameter 'ln.weight' {NONFINITE}", out=d / "out_inf_base")
+    assert_error(
+        res["inf_base"], f"{files['base_inf']}: parameter 'ln.weight' {NONFINITE}", out=d / "out_inf_base"
+    )
 
 
 def test_task_vector_overflow_refused(runs):
@@ -96,7 +98,9 @@ def test_single_finetuned_model(runs):
     assert res["single"].returncode == 0, res["single"].stderr
     got = load_folder(d / "out_single")
     for k in base:
-        assert torch.allclose(got[k], tuned[0][k], atol=1e-6), k  # task arithmetic at λ = 1 gives the model back
+        assert torch.allclose(got[k], tuned[0][k], atol=1e-6), (
+            k
+        )  # task arithmetic at λ = 1 gives the model back
     for method in ("ties", "tsv", "iso_c"):
         assert res[f"single_{method}"].returncode == 0, res[f"single_{method}"].stderr
         merged = load_folder(d / f"out_single_{method}")

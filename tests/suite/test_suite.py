@@ -107,7 +107,9 @@ def test_cache_key_follows_the_recipe(tmp_path: Path) -> None:
     key = recipe_key("pretrain", vit=recipe.vit, epochs=recipe.pretrain_epochs, seed=0)
     assert key == recipe_key("pretrain", vit=recipe.vit, epochs=recipe.pretrain_epochs, seed=0)
     assert key != recipe_key("pretrain", vit=recipe.vit, epochs=recipe.pretrain_epochs + 1, seed=0)
-    assert key != recipe_key("pretrain", vit=dataclasses.replace(recipe.vit, width=48), epochs=recipe.pretrain_epochs, seed=0)
+    assert key != recipe_key(
+        "pretrain", vit=dataclasses.replace(recipe.vit, width=48), epochs=recipe.pretrain_epochs, seed=0
+    )
     assert key != recipe_key("pretrain", vit=recipe.vit, epochs=recipe.pretrain_epochs, seed=1)
     cache = CheckpointCache(tmp_path)
     made = []
@@ -129,7 +131,9 @@ def test_paper_grid_includes_both_ends_and_lambda_one() -> None:
 
 
 def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = run_suite(profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False)
+    folder = run_suite(
+        profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False
+    )
     payload = json.loads((folder / "results.json").read_text())
     results = payload["results"]
     for setup in ("multitask", "continual", "domain"):
@@ -147,7 +151,9 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert (folder / png).stat().st_size > 0
     assert "task_arithmetic" in capsys.readouterr().out
     # a second run finds every checkpoint in the cache
-    again = run_suite(profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False)
+    again = run_suite(
+        profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False
+    )
     meta = json.loads((again / "config.json").read_text())
     assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
     assert json.loads((again / "results.json").read_text())["results"] == results

@@ -62,7 +62,9 @@ class StateDictCheckpoint(Checkpoint):
     def __init__(self, state_dict: Mapping[str, Tensor], label: str = "<state dict>") -> None:
         for name, value in state_dict.items():
             if not isinstance(value, Tensor):
-                raise CheckpointError(f"value of '{name}' is a {type(value).__name__}, not a tensor", path=label)
+                raise CheckpointError(
+                    f"value of '{name}' is a {type(value).__name__}, not a tensor", path=label
+                )
         self._sd = dict(state_dict)
         self._label = label
         self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._sd.items()}

@@ -60,28 +60,38 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
             head = fh.read(8)
             if len(head) < 8:
                 raise CheckpointError(
-                    "not a safetensors file: it is empty" if size == 0 else "not a safetensors file: shorter than 8 bytes",
+                    "not a safetensors file: it is empty"
+                    if size == 0
+                    else "not a safetensors file: shorter than 8 bytes",
                     path=path,
                 )
             (header_len,) = struct.unpack("<Q", head)
             if 8 + header_len > size:
                 raise CheckpointError(
-                    f"corrupt safetensors file: header length {header_len} exceeds the file size {size}", path=path
+                    f"corrupt safetensors file: header length {header_len} exceeds the file size {size}",
+                    path=path,
                 )
             if header_len > MAX_HEADER:
-                raise CheckpointError(f"corrupt safetensors file: header length {header_len} is over the 100 MiB limit", path=path)
+                raise CheckpointError(
+                    f"corrupt safetensors file: header length {header_len} is over the 100 MiB limit",
+                    path=path,
+                )
             raw = fh.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
     try:
         header = json.loads(raw.decode("utf-8"))
-        if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
+        if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header) - (
+            "__metadata__" in header
+        ):
             # more entries than names: one is listed twice (json.loads would keep the last silently)
             json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError("corrupt safetensors file: the header is not valid JSON", path=path) from None
     except _DuplicateKey as exc:
-        raise CheckpointError("appears twice in the header: the file is corrupt", path=path, parameter=str(exc)) from None
+        raise CheckpointError(
+            "appears twice in the header: the file is corrupt", path=path, parameter=str(exc)
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors file: the header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}
@@ -92,7 +102,11 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, meta in header.items():
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
-            raise CheckpointError("corrupt safetensors file: entry lacks dtype, shape or data_offsets", path=path, parameter=name)
+            raise CheckpointError(
+                "corrupt safetensors file: entry lacks dtype, shape or data_offsets",
+                path=path,
+                parameter=name,
+            )
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype '{dtype}'", path=path, parameter=name)
@@ -131,7 +145,7 @@ class SafetensorsFile(Checkpoint):
     """One ``.safetensors`` file."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        self.path = self._file = Path(path)
         self._start, self._entries, self.metadata = parse_header(self.path)
         self._infos = {n: TensorInfo(s, DTYPES[d]) for n, (d, s, _, _) in self._entries.items()}
         self._fd: int | None = None
@@ -142,16 +156,18 @@ class SafetensorsFile(Checkpoint):
     def get(self, name: str) -> Tensor:
         dtype, shape, begin, end = self._entries[name]
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self._file, os.O_RDONLY)
         nbytes = end - begin
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            view = memoryview(buf.numpy())
+            view = buf.numpy().data
             got = 0
             while got < nbytes:
                 n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
                 if n <= 0:
-                    raise CheckpointError("the file was truncated while reading", path=self.path, parameter=name)
+                    raise CheckpointError(
+                        "the file was truncated while reading", path=self.path, parameter=name
+                    )
                 got += n
         return buf.view(DTYPES[dtype]).reshape(shape)
 

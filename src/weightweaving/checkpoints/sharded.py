@@ -24,19 +24,25 @@ class ShardedSafetensors(Checkpoint):
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("shard index has no 'weight_map'", path=self.path)
         if not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError("shard index maps a parameter to something other than a file name", path=self.path)
+            raise CheckpointError(
+                "shard index maps a parameter to something other than a file name", path=self.path
+            )
         self._shards: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
         infos: dict[str, TensorInfo] = {}
         for shard_name in sorted(set(weight_map.values())):
             shard_path = self.path.parent / str(shard_name)
             if "/" in str(shard_name) or "\\" in str(shard_name) or not shard_path.is_file():
-                raise CheckpointError(f"the index names shard '{shard_name}', which is missing", path=self.path)
+                raise CheckpointError(
+                    f"the index names shard '{shard_name}', which is missing", path=self.path
+                )
             self._shards[shard_name] = SafetensorsFile(shard_path)
         for name, shard_name in weight_map.items():
             shard = self._shards[shard_name]
             if name not in shard.infos():
-                raise CheckpointError(f"the index puts '{name}' in '{shard_name}', which does not hold it", path=self.path)
+                raise CheckpointError(
+                    f"the index puts '{name}' in '{shard_name}', which does not hold it", path=self.path
+                )
             self._where[name] = shard
             infos[name] = shard.infos()[name]
         self._infos = infos

@@ -44,7 +44,9 @@ def _reason(exc: BaseException) -> str:
     """The line of torch's weights-only refusal that says what was refused (not its advice)."""
     for line in str(exc).splitlines():
         line = line.strip()
-        if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported global", "Unsupported operand")):
+        if line.startswith(
+            ("Trying to load unsupported GLOBAL", "Unsupported global", "Unsupported operand")
+        ):
             return line.rstrip(".")[:200]
     return "the file holds objects other than tensors"
 
@@ -59,14 +61,18 @@ class TorchFile(Checkpoint):
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             if "Weights only load failed" not in str(exc):
-                raise CheckpointError(f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path) from None
+                raise CheckpointError(
+                    f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path
+                ) from None
             raise CheckpointError(
                 f"refused: loading it would need full unpickling, which can run code ({_reason(exc)}); "
                 "convert it to safetensors in a trusted environment",
                 path=self.path,
             ) from None
         except Exception as exc:  # a corrupt file can make torch.load fail in any way
-            raise CheckpointError(f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path) from None
+            raise CheckpointError(
+                f"not a readable PyTorch checkpoint: {_first_line(exc)}", path=self.path
+            ) from None
         self._sd = {str(k): v for k, v in _unwrap(obj, self.path).items()}
         self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._sd.items()}
 

@@ -95,14 +95,18 @@ class SafetensorsWriter:
         if self.out_dir.is_symlink():  # write where the link points, so the rename stays on that disk
             self.out_dir = self.out_dir.resolve()
         if self.out_dir.exists() and not overwrite:
-            raise WeightWeavingError("the output folder exists; pass --overwrite to replace it", path=self.out_dir)
+            raise WeightWeavingError(
+                "the output folder exists; pass --overwrite to replace it", path=self.out_dir
+            )
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise WeightWeavingError("the output path exists and is not a folder", path=self.out_dir)
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise WeightWeavingError(f"cannot create the output folder: {exc.strerror}", path=parent) from None
+            raise WeightWeavingError(
+                f"cannot create the output folder: {exc.strerror}", path=parent
+            ) from None
         if not os.access(parent, os.W_OK):
             raise WeightWeavingError("the output folder's parent is not writable", path=parent)
         clean_stale_staging(self.out_dir)
@@ -123,7 +127,9 @@ class SafetensorsWriter:
             self._prepare()
         except OSError as exc:
             self.abort()
-            raise WeightWeavingError(f"cannot write the output: {exc.strerror or exc}", path=self.out_dir) from None
+            raise WeightWeavingError(
+                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir
+            ) from None
         except BaseException:  # Ctrl-C while laying out: leave nothing behind
             self.abort()
             raise
@@ -167,10 +173,12 @@ class SafetensorsWriter:
         """Write one tensor (already of its planned dtype and shape) to its place."""
         entry = self._entries[name]
         if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
+            raise ValueError(
+                f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}"
+            )
         fd, offset = self._files[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
+        view = data.data
         done = 0
         try:
             while done < len(view):
@@ -185,19 +193,25 @@ class SafetensorsWriter:
         try:
             (self.staging / name).write_bytes(content)
         except OSError as exc:
-            raise WeightWeavingError(f"cannot write the output: {exc.strerror or exc}", path=self.out_dir) from None
+            raise WeightWeavingError(
+                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir
+            ) from None
 
     def copy_file(self, source: Path) -> None:
         try:
             shutil.copy2(source, self.staging / source.name)
         except OSError as exc:
-            raise WeightWeavingError(f"cannot copy '{source.name}' into the output: {exc.strerror or exc}", path=self.out_dir) from None
+            raise WeightWeavingError(
+                f"cannot copy '{source.name}' into the output: {exc.strerror or exc}", path=self.out_dir
+            ) from None
 
     def commit(self) -> Path:
         """Finish: check that everything was written, fsync, and move the folder into place."""
         missing = set(self._entries) - self._written
         if missing:
-            raise RuntimeError(f"writer committed with {len(missing)} tensors unwritten, e.g. {sorted(missing)[0]}")
+            raise RuntimeError(
+                f"writer committed with {len(missing)} tensors unwritten, e.g. {sorted(missing)[0]}"
+            )
         try:
             if len(self._shards) > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
@@ -216,7 +230,9 @@ class SafetensorsWriter:
             _fsync_dir(self.out_dir.parent)
         except OSError as exc:
             self.abort()
-            raise WeightWeavingError(f"cannot write the output: {exc.strerror or exc}", path=self.out_dir) from None
+            raise WeightWeavingError(
+                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir
+            ) from None
         self._committed = True
         return self.out_dir
 

@@ -65,7 +65,9 @@ class Runner:
     def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
         """The base tensor and the task vectors (T, *shape), both in the compute dtype on the device."""
         base = self.base.get(unit.name).to(self.device, self.compute_dtype)
-        task_vectors = torch.empty((len(self.models), *unit.shape), dtype=self.compute_dtype, device=self.device)
+        task_vectors = torch.empty(
+            (len(self.models), *unit.shape), dtype=self.compute_dtype, device=self.device
+        )
         for i, model in enumerate(self.models):
             torch.sub(model.get(unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
         if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
@@ -82,7 +84,9 @@ class Runner:
                     path=ckpt.label(),
                     parameter=unit.name,
                 )
-        culprit = next(m for m, tv in zip(self.models, task_vectors, strict=True) if not bool(torch.isfinite(tv).all()))
+        culprit = next(
+            m for m, tv in zip(self.models, task_vectors, strict=True) if not bool(torch.isfinite(tv).all())
+        )
         raise CheckpointError(
             f"differs from the base by more than {self.compute_dtype} can hold (try --compute-dtype float64)",
             path=culprit.label(),
@@ -95,7 +99,9 @@ class Runner:
     # -- passes -------------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str) -> Any:
         disable = (not sys.stderr.isatty()) if self.progress is None else not self.progress
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable, leave=False)
+        return tqdm(
+            total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable, leave=False
+        )
 
     def scan(self, fn: Callable[[Tensor, UnitContext], R], desc: str = "scanning") -> list[R]:
         """``fn(task_vectors, ctx)`` over every merged unit in sorted-name order (a first pass)."""
@@ -123,13 +129,20 @@ class Runner:
             base, task_vectors = self.load(unit)
             merged = unit_fn(task_vectors, self.context(unit))
             if tuple(merged.shape) != unit.shape:
-                raise RuntimeError(f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}")
+                raise RuntimeError(
+                    f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}"
+                )
             out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
             return out.to("cpu", unit.out_dtype)
 
-        total = sum(u.numel * u.base_dtype.itemsize * (len(self.models) + 1 if u.merge else 1) for u in self.plan.units)
+        total = sum(
+            u.numel * u.base_dtype.itemsize * (len(self.models) + 1 if u.merge else 1)
+            for u in self.plan.units
+        )
         with self._bar(total, desc) as bar:
             bar.set_postfix_str(f"{len(self.plan.units)} parameters")
             for unit, tensor in zip(self.plan.units, self.executor.map(one, self.plan.units), strict=True):
                 yield unit.name, tensor
-                bar.update(unit.numel * unit.base_dtype.itemsize * (len(self.models) + 1 if unit.merge else 1))
+                bar.update(
+                    unit.numel * unit.base_dtype.itemsize * (len(self.models) + 1 if unit.merge else 1)
+                )

@@ -102,7 +102,9 @@ def make_plan(
         missing = [k for k in base_infos if k not in infos]
         extra = [k for k in infos if k not in base_infos]
         if (missing or extra) and not common_only:
-            which, what = (missing, "is in the base but missing here") if missing else (extra, "is not in the base")
+            which, what = (
+                (missing, "is in the base but missing here") if missing else (extra, "is not in the base")
+            )
             more = f" (and {len(which) - 1} more)" if len(which) > 1 else ""
             raise CheckpointError(
                 f"{what}{more}; the checkpoints differ in architecture "
@@ -123,18 +125,26 @@ def make_plan(
                 )
     if missing_anywhere:
         names = sorted(missing_anywhere)
-        notes.append(f"copied {len(names)} parameters from the base unmerged because some models lack them: {_some(names)}")
+        notes.append(
+            f"copied {len(names)} parameters from the base unmerged because some models lack them: {_some(names)}"
+        )
         left_out["copied from the base, missing in a model"] = names
     units = []
     for name, info in base_infos.items():
-        is_float = info.dtype.is_floating_point and all(m.infos()[name].dtype.is_floating_point for m in models if name in m.infos())
-        selected = (not includes or any(p.search(name) for p in includes)) and not any(p.search(name) for p in excludes)
+        is_float = info.dtype.is_floating_point and all(
+            m.infos()[name].dtype.is_floating_point for m in models if name in m.infos()
+        )
+        selected = (not includes or any(p.search(name) for p in includes)) and not any(
+            p.search(name) for p in excludes
+        )
         merge = is_float and selected and name not in missing_anywhere
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
         units.append(Unit(name=name, shape=info.shape, base_dtype=info.dtype, out_dtype=dtype, merge=merge))
     if not any(u.merge for u in units):
         if set(base_infos) <= missing_anywhere:
-            raise CheckpointError("the checkpoints share no parameter, so there is nothing to merge", path=base.label())
+            raise CheckpointError(
+                "the checkpoints share no parameter, so there is nothing to merge", path=base.label()
+            )
         raise OptionError("no parameter is left to merge (check --include/--exclude)")
     for note in notes:
         log.warning(note)

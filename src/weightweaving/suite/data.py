@@ -21,7 +21,18 @@ from ..errors import WeightWeavingError
 
 SIZE = 28
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+FASHION_CLASSES = [
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
 
 # Foreground and background colour of each domain (RGB in [0, 1]).
 PALETTES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -87,7 +98,12 @@ def load_fashion(root: Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray, np.n
             "install it with: apt-get install -y dataset-fashion-mnist"
         )
     xtr, ytr, xte, yte = (_read_idx(root / n) for n in names)
-    return xtr.astype(np.float32) / 255, ytr.astype(np.int64), xte.astype(np.float32) / 255, yte.astype(np.int64)
+    return (
+        xtr.astype(np.float32) / 255,
+        ytr.astype(np.int64),
+        xte.astype(np.float32) / 255,
+        yte.astype(np.int64),
+    )
 
 
 def load_digits_28() -> tuple[np.ndarray, np.ndarray]:
@@ -143,14 +159,18 @@ def _grating(rng: np.random.Generator, angle: float, freq: float) -> np.ndarray:
 
 def gen_stripe_angle(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, 8, n)
-    out = np.stack([_grating(rng, k * math.pi / 8 + rng.normal(0, 0.04), rng.uniform(2.5, 5)) for k in labels])
+    out = np.stack(
+        [_grating(rng, k * math.pi / 8 + rng.normal(0, 0.04), rng.uniform(2.5, 5)) for k in labels]
+    )
     return out.astype(np.float32), labels
 
 
 def gen_stripe_freq(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     freqs = [1.5, 2.5, 3.5, 5.0, 6.5, 8.5]
     labels = rng.integers(0, len(freqs), n)
-    out = np.stack([_grating(rng, rng.uniform(0, math.pi), freqs[k] * rng.uniform(0.95, 1.05)) for k in labels])
+    out = np.stack(
+        [_grating(rng, rng.uniform(0, math.pi), freqs[k] * rng.uniform(0.95, 1.05)) for k in labels]
+    )
     return out.astype(np.float32), labels
 
 
@@ -193,7 +213,9 @@ def gen_noise_spectrum(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np
     return out, labels
 
 
-GENERATORS: dict[str, tuple[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], list[str]]] = {
+GENERATORS: dict[
+    str, tuple[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], list[str]]
+] = {
     "shapes": (gen_shapes, ["disc", "square", "triangle", "cross", "ring", "diamond"]),
     "stripe_angle": (gen_stripe_angle, [f"{round(22.5 * k, 1)}deg" for k in range(8)]),
     "stripe_freq": (gen_stripe_freq, ["f1.5", "f2.5", "f3.5", "f5", "f6.5", "f8.5"]),
@@ -211,7 +233,9 @@ def colourise(grey: np.ndarray, domain: str) -> Tensor:
 
 
 def _rng(seed: int, *salt: str) -> np.random.Generator:
-    return np.random.default_rng([seed, *(sum(ord(ch) * 31**i for i, ch in enumerate(s)) % 2**31 for s in salt)])
+    return np.random.default_rng(
+        [seed, *(sum(ord(ch) * 31**i for i, ch in enumerate(s)) % 2**31 for s in salt)]
+    )
 
 
 # -- the pools the suite draws from --------------------------------------------------------------
@@ -226,7 +250,9 @@ class Sizes:
     pretrain: int = 4000  # per domain, unlabelled, for pre-training
 
 
-def _domain_pool(domain: str, seed: int, sizes: Sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _domain_pool(
+    domain: str, seed: int, sizes: Sizes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Grey (train, train labels, test, test labels) for one domain (train includes the pre-train pool)."""
     n_train = sizes.train + sizes.pretrain
     if domain == "fashion":
@@ -245,7 +271,9 @@ def _domain_pool(domain: str, seed: int, sizes: Sizes) -> tuple[np.ndarray, np.n
     return xtr, ytr, xte, yte
 
 
-def build_tasks(seed: int, sizes: Sizes, names: list[str] | None = None) -> tuple[list[Task], dict[str, Tensor]]:
+def build_tasks(
+    seed: int, sizes: Sizes, names: list[str] | None = None
+) -> tuple[list[Task], dict[str, Tensor]]:
     """The eight tasks, plus each domain's unlabelled pre-training images (disjoint from the tasks').
 
     Digits has only 1,797 images, so its pre-training images are its own training images without

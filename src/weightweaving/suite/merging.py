@@ -35,7 +35,9 @@ def paper_grid(method: str, setup: str, stride: int = 1) -> list[float]:
     return picked
 
 
-def merge_family(pretrained: StateDict, finetuned: Sequence[StateDict], method: str, seed: int) -> Callable[[float], StateDict]:
+def merge_family(
+    pretrained: StateDict, finetuned: Sequence[StateDict], method: str, seed: int
+) -> Callable[[float], StateDict]:
     """λ -> merged state dict, with as few library merges as the method's λ-form allows."""
     kind = weightweaving.get_method(method).lam_kind
     models = list(finetuned)
@@ -75,9 +77,17 @@ def weave(
     models = list(finetuned)
     if hasattr(weightweaving, "weave"):
         woven = weightweaving.weave(
-            pretrained, models, method=method, lambdas=list(lambdas), pool=pool, pool_over="all", seed=seed, progress=False
+            pretrained,
+            models,
+            method=method,
+            lambdas=list(lambdas),
+            pool=pool,
+            pool_over="all",
+            seed=seed,
+            progress=False,
         )
-        return dict(woven)
+        assert isinstance(woven, dict)
+        return woven
     log.info("weightweaving.weave is not available yet: using the suite's closed form for %s", method)
     family = family or merge_family(pretrained, models, method, seed)
     return _closed_form_weave(pretrained, models, family, list(lambdas), pool, seed)
@@ -95,7 +105,9 @@ def _closed_form_weave(
     out = {}
     gen = torch.Generator().manual_seed(seed)
     for name, base in pretrained.items():
-        members = torch.stack([m[name] - base for m in finetuned] + [m[name] - base for m in merged])  # (N, ...)
+        members = torch.stack(
+            [m[name] - base for m in finetuned] + [m[name] - base for m in merged]
+        )  # (N, ...)
         if pool == "mean":
             pooled = members.mean(0)
         elif pool == "magmax":

@@ -32,7 +32,13 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         hidden = width * mlp_ratio
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", nn.GELU()),
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
+            )
         )
         self.ln_2 = nn.LayerNorm(width)
 
@@ -45,7 +51,9 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.resblocks(x)

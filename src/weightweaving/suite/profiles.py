@@ -22,10 +22,10 @@ class Recipe:
 
     name: str
     vit: ViTConfig = field(default_factory=ViTConfig)
-    sizes: Sizes = field(default_factory=Sizes)
+    sizes: Sizes = field(default_factory=lambda: Sizes(train=2000, test=400, pretrain=2000))
     tasks: tuple[str, ...] = tuple(TASK_NAMES)
     # pre-training: unlabelled images of every domain; target = (domain, rotation by k * 90 degrees)
-    pretrain_epochs: int = 6
+    pretrain_epochs: int = 4
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 128
     # heads: class prototypes of the pre-trained features from a few labelled images per class
@@ -38,9 +38,10 @@ class Recipe:
     ft_weight_decay: float = 0.0
     # continual learning: class-incremental splits of fashion+digits (20 classes)
     cl_splits: tuple[int, ...] = (5, 10)
-    cl_steps: int = 100
+    cl_steps: int = 60
     # evaluation
     methods: tuple[str, ...] = METHODS
+    pool_setups: tuple[str, ...] = ("multitask", "continual", "domain")  # where Table 3's pools run
     grid_stride: int = 1  # take every k-th point of the paper's λ grid (quick profiles)
     interference_lams: tuple[float, ...] = (0.3, 1.0)
 

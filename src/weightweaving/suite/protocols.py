@@ -55,7 +55,9 @@ def problems(zoo: Zoo, setup: str) -> list[Problem]:
             for t in tasks
         ]
     head, test = zoo.heads["continual"], zoo.continual_task.test
-    return [Problem(run.sequential, _scorer(zoo, [(f"split{run.n_tasks}", test, head)])) for run in zoo.continual]
+    return [
+        Problem(run.sequential, _scorer(zoo, [(f"split{run.n_tasks}", test, head)])) for run in zoo.continual
+    ]
 
 
 def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
@@ -63,7 +65,9 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
     cfg = zoo.recipe.vit
     if setup in ("multitask", "domain"):
         zero = {t.name: train.accuracy(cfg, zoo.pretrained, t.test, zoo.heads[t.name]) for t in zoo.tasks}
-        own = {t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name]) for t in zoo.tasks}
+        own = {
+            t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name]) for t in zoo.tasks
+        }
         out = {"zero_shot": _entry(zero), "individual": _entry(own)}
         if setup == "domain":
             out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
@@ -85,7 +89,7 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
 
 def _routed_accuracy(zoo: Zoo, models: list[StateDict], groups: list[list[int]]) -> float:
     test, head = zoo.continual_task.test, zoo.heads["continual"]
-    correct = 0
+    correct = 0.0
     for state, group in zip(models, groups, strict=True):
         index = torch.nonzero(torch.isin(test.labels, torch.tensor(group))).flatten()
         correct += len(index) * train.accuracy(zoo.recipe.vit, state, test.subset(index), head) / 100
@@ -96,7 +100,9 @@ def _entry(per_task: Scores) -> dict[str, object]:
     return {"per_task": dict(per_task), "average": mean(per_task.values())}
 
 
-def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, bar: tqdm) -> dict[str, object]:
+def score_method(
+    zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, bar: tqdm
+) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
@@ -121,9 +127,14 @@ def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stri
         "weave": _entry(woven["mean"]),
         "weave_pools": {pool: _entry(scores) for pool, scores in woven.items()},
         "sweep": {"lambdas": grid, "per_task": {n: [sweep[lam][n] for lam in grid] for n in names}},
-        "best_lam_per_task": {n: max(grid, key=lambda lam, n=n: sweep[lam][n]) for n in names},
+        "best_lam_per_task": {n: _argmax(grid, [sweep[lam][n] for lam in grid]) for n in names},
         "weave_lambdas": weave_grid,
     }
+
+
+def _argmax(grid: list[float], values: list[float]) -> float:
+    """The λ of the highest value (the first on ties)."""
+    return grid[max(range(len(grid)), key=lambda i: (values[i], -i))]
 
 
 def n_problems(zoo: Zoo, setup: str) -> int:
@@ -137,7 +148,9 @@ def interference(zoo: Zoo, lam: float) -> dict[str, object]:
     zero = evaluate(zoo.pretrained)
     matrix = []
     for j in names:
-        state = {k: zoo.pretrained[k] + lam * (zoo.finetuned[j][k] - zoo.pretrained[k]) for k in zoo.pretrained}
+        state = {
+            k: zoo.pretrained[k] + lam * (zoo.finetuned[j][k] - zoo.pretrained[k]) for k in zoo.pretrained
+        }
         scores = evaluate(state)
         matrix.append([scores[i] - zero[i] for i in names])
     rows = [[matrix[j][i] for j in range(len(names))] for i in range(len(names))]  # rows: evaluated task
@@ -153,6 +166,8 @@ def interference(zoo: Zoo, lam: float) -> dict[str, object]:
 
 def cosine_matrix(pretrained: StateDict, models: list[StateDict]) -> list[list[float]]:
     """Cosine similarity of the task vectors ``θ_t − θ_pre`` (all parameters, flattened)."""
-    vectors = torch.stack([torch.cat([(m[k] - pretrained[k]).flatten() for k in sorted(pretrained)]) for m in models])
+    vectors = torch.stack(
+        [torch.cat([(m[k] - pretrained[k]).flatten() for k in sorted(pretrained)]) for m in models]
+    )
     unit = torch.nn.functional.normalize(vectors, dim=1)
     return (unit @ unit.T).tolist()

@@ -6,7 +6,11 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-SETUP_TITLES = {"multitask": "Multi-task", "continual": "Continual learning", "domain": "Domain generalisation"}
+SETUP_TITLES = {
+    "multitask": "Multi-task",
+    "continual": "Continual learning",
+    "domain": "Domain generalisation",
+}
 # The paper's Table 2 direction (λ = 1 -> weaving, mean of 3 backbones and setups), for the closing note.
 PAPER_TABLE2 = {
     "breadcrumbs": (52.17, 68.11),
@@ -85,8 +89,14 @@ def verdicts(results: Results, diagnostics: Results) -> list[tuple[str, bool, st
         methods = methods_of(results, setup)
         if not methods:
             continue
-        lifted = [m for m in methods if results[setup][m]["weave"]["average"] > results[setup][m]["data_free"]["average"]]
-        gains = [results[setup][m]["weave"]["average"] - results[setup][m]["data_free"]["average"] for m in methods]
+        lifted = [
+            m
+            for m in methods
+            if results[setup][m]["weave"]["average"] > results[setup][m]["data_free"]["average"]
+        ]
+        gains = [
+            results[setup][m]["weave"]["average"] - results[setup][m]["data_free"]["average"] for m in methods
+        ]
         out.append(
             (
                 f"Weight Weaving lifts data-free (λ = 1) accuracy in {SETUP_TITLES[setup].lower()} (most methods)",
@@ -126,12 +136,20 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
         "|---" * (len(setups) + 1) + "|",
     ]
     for label in ("zero_shot", "individual"):
-        lines.append(f"| {label.replace('_', '-')} | " + " | ".join(_f(results[s][label]["average"]) for s in setups) + " |")
+        lines.append(
+            f"| {label.replace('_', '-')} | "
+            + " | ".join(_f(results[s][label]["average"]) for s in setups)
+            + " |"
+        )
     for m in methods_of(results, setups[0]):
         cells = [f"{_f(results[s][m]['tuned']['average'])} ({results[s][m]['tuned']['lam']})" for s in setups]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Table 2 — data-free: λ = 1 → Weight Weaving (mean pool)", ""]
-    lines.append("| method | " + " | ".join(f"{SETUP_TITLES[s]}" for s in setups) + " | avg λ=1 | avg +WW | Δ | paper Δ |")
+    lines.append(
+        "| method | "
+        + " | ".join(f"{SETUP_TITLES[s]}" for s in setups)
+        + " | avg λ=1 | avg +WW | Δ | paper Δ |"
+    )
     lines.append("|---" * (len(setups) + 5) + "|")
     for m in methods_of(results, setups[0]):
         pairs = [(results[s][m]["data_free"]["average"], results[s][m]["weave"]["average"]) for s in setups]
@@ -139,11 +157,16 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
         paper = PAPER_TABLE2.get(m)
         paper_cell = f"{paper[1] - paper[0]:+.2f}" if paper else "—"
         cells = [f"{_f(x)} → {_f(y)}" for x, y in pairs]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(a)} | {_f(b)} | {b - a:+.1f} | {paper_cell} |")
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {_f(a)} | {_f(b)} | {b - a:+.1f} | {paper_cell} |"
+        )
     lines += ["", "## Table 3 — pooling over A*: mean / random / MagMax (average of the setups)", ""]
     lines += ["| method | mean | random | magmax |", "|---|---|---|---|"]
     for m in methods_of(results, setups[0]):
-        cells = [_f(mean(results[s][m]["weave_pools"][p]["average"] for s in setups)) for p in ("mean", "random", "magmax")]
+        cells = [
+            _f(mean(results[s][m]["weave_pools"][p]["average"] for s in setups))
+            for p in ("mean", "random", "magmax")
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## What reproduced", ""]
     for claim, held, evidence in verdicts(results, diagnostics):
@@ -151,7 +174,9 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     inter = diagnostics.get("interference", [])
     if inter:
         lines += ["", "## Interference diagnostic (multi-task)", ""]
-        lines.append("Change of task i's accuracy (points, vs zero-shot) under θ_pre + λ·Δ_j: own task (j = i) and others (j ≠ i).")
+        lines.append(
+            "Change of task i's accuracy (points, vs zero-shot) under θ_pre + λ·Δ_j: own task (j = i) and others (j ≠ i)."
+        )
         lines.append("")
         lines += ["| λ | own gain (mean diag) | cross effect (mean off-diag) |", "|---|---|---|"]
         for block in inter:
@@ -161,20 +186,37 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     cos = diagnostics.get("cosine", {})
     if cos:
         lines += ["", "## Task-vector cosine similarity (continual learning; paper Fig. 3)", ""]
-        lines += ["| benchmark | individual (mean off-diag) | sequential (mean off-diag) | sequential consecutive |", "|---|---|---|---|"]
+        lines += [
+            "| benchmark | individual (mean off-diag) | sequential (mean off-diag) | sequential consecutive |",
+            "|---|---|---|---|",
+        ]
         for name, c in cos.items():
             lines.append(
                 f"| {name} | {c['individual_mean_offdiag']:.3f} | {c['sequential_mean_offdiag']:.3f} | {c['sequential_consecutive']:.3f} |"
             )
     for s in setups:
         lines += ["", f"## {SETUP_TITLES[s]}: per task", ""]
-        for variant, title in (("tuned", "tuned λ (privileged)"), ("data_free", "λ = 1"), ("weave", "Weight Weaving (mean)")):
+        for variant, title in (
+            ("tuned", "tuned λ (privileged)"),
+            ("data_free", "λ = 1"),
+            ("weave", "Weight Weaving (mean)"),
+        ):
             lines += [f"**{title}**", "", *_per_task_table(results, s, variant), ""]
     for s in setups:
-        notes = [f"- {label}: {results[s][label]['note']}" for label in results[s] if isinstance(results[s][label], dict) and "note" in results[s][label] and "tuned" not in results[s][label]]
+        notes = [
+            f"- {label}: {results[s][label]['note']}"
+            for label in results[s]
+            if isinstance(results[s][label], dict)
+            and "note" in results[s][label]
+            and "tuned" not in results[s][label]
+        ]
         if notes:
             lines += ["", f"Notes ({SETUP_TITLES[s]}):", *notes]
-    lines += ["", "Plots: `sweeps.png` (λ sweeps), `best_lambda_hist.png` (Fig. 2), `cosine.png` (Fig. 3), `interference.png`.", ""]
+    lines += [
+        "",
+        "Plots: `sweeps.png` (λ sweeps), `best_lambda_hist.png` (Fig. 2), `cosine.png` (Fig. 3), `interference.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -183,14 +225,20 @@ def summary(results: Results, diagnostics: Results) -> str:
     setups = [s for s in ("multitask", "continual", "domain") if s in results]
     lines = ["setup        zero-shot  individual"]
     for s in setups:
-        lines.append(f"{s:<12} {results[s]['zero_shot']['average']:>9.1f}  {results[s]['individual']['average']:>10.1f}")
+        lines.append(
+            f"{s:<12} {results[s]['zero_shot']['average']:>9.1f}  {results[s]['individual']['average']:>10.1f}"
+        )
     lines.append("method          " + "  ".join(f"{s[:10]:>22}" for s in setups))
     lines.append("                " + "  ".join(f"{'tuned / λ=1 / weave':>22}" for _ in setups))
     for m in methods_of(results, setups[0]):
         cells = []
         for s in setups:
             e = results[s][m]
-            cells.append(f"{e['tuned']['average']:6.1f} {e['data_free']['average']:6.1f} {e['weave']['average']:6.1f}".rjust(22))
+            cells.append(
+                f"{e['tuned']['average']:6.1f} {e['data_free']['average']:6.1f} {e['weave']['average']:6.1f}".rjust(
+                    22
+                )
+            )
         lines.append(f"{m:<16}" + "  ".join(cells))
     for claim, held, evidence in verdicts(results, diagnostics):
         lines.append(f"[{'yes' if held else 'NO '}] {claim} ({evidence})")

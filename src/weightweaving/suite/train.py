@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Split
-from .model import ViTConfig, VisionTransformer, build_model, state_dict_of
+from .model import VisionTransformer, ViTConfig, build_model, state_dict_of
 
 EVAL_BATCH = 1024
 
@@ -88,7 +88,9 @@ def embed(config: ViTConfig, state: dict[str, Tensor], images: Tensor) -> Tensor
     return torch.cat(out)
 
 
-def prototype_head(config: ViTConfig, state: dict[str, Tensor], split: Split, n_classes: int, shots: int) -> Tensor:
+def prototype_head(
+    config: ViTConfig, state: dict[str, Tensor], split: Split, n_classes: int, shots: int
+) -> Tensor:
     """A frozen zero-shot-style head: unit-norm class means of ``shots`` labelled images per class.
 
     CLIP's zero-shot heads are fixed per class before any fine-tuning; these play that role.
@@ -119,8 +121,12 @@ def fine_tune(
     weight_decay: float,
     scale: float,
     seed: int,
+    optimizer: str = "adamw",
 ) -> dict[str, Tensor]:
-    """Fine-tune the whole encoder from ``start`` with the head frozen (AdamW, warm-up + cosine).
+    """Fine-tune the whole encoder from ``start`` with the head frozen (warm-up + cosine decay).
+
+    ``optimizer="sgd"`` (momentum 0.9) moves each weight in proportion to its gradient, so weights a
+    task does not use stay put; AdamW moves every weight by about ``lr`` per step.
 
     ``classes`` restricts the data and the head's rows to those classes (class-incremental tasks).
     """
@@ -132,7 +138,11 @@ def fine_tune(
         remap = torch.full((head.shape[0],), -1, dtype=torch.long)
         remap[torch.tensor(list(classes))] = torch.arange(len(classes))
         labels, head = remap[split.labels], head[list(classes)]
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimiser: torch.optim.Optimizer
+    if optimizer == "sgd":
+        optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 10)
     for step in range(steps):

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from . import train
 from .cache import CheckpointCache, recipe_key
-from .data import Task, build_tasks, class_incremental_splits, continual_dataset
+from .data import Split, Task, build_tasks, class_incremental_splits, continual_dataset
 from .profiles import Recipe
 
 log = logging.getLogger("weightweaving.suite")
@@ -56,9 +56,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
         seed=seed,
     )
     log.info("pre-trained encoder %s", pre_key)
-    pretrained = cache.get_or_make(
-        pre_key,
-        lambda: train.pretrain(
+
+    def make_pretrained() -> StateDict:
+        return train.pretrain(
             cfg,
             pools,
             epochs=recipe.pretrain_epochs,
@@ -66,32 +66,40 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
             batch=recipe.pretrain_batch,
             seed=seed,
             progress=progress,
-        ),
-    )
+        )
+
+    pretrained = cache.get_or_make(pre_key, make_pretrained)
     shots = recipe.head_shots
     heads = {t.name: train.prototype_head(cfg, pretrained, t.train, t.n_classes, shots) for t in tasks}
     heads["continual"] = train.prototype_head(cfg, pretrained, cl_task.train, cl_task.n_classes, shots)
-    ft_options = {"lr": recipe.ft_lr, "batch": recipe.ft_batch, "weight_decay": recipe.ft_weight_decay}
     scale = recipe.logit_scale
+    ft_options = {"lr": recipe.ft_lr, "batch": recipe.ft_batch, "weight_decay": recipe.ft_weight_decay}
+
+    def tune(start: StateDict, split: Split, head: Tensor, classes: list[int] | None, steps: int, seed: int) -> StateDict:
+        return train.fine_tune(
+            cfg,
+            start,
+            split,
+            head,
+            classes=classes,
+            steps=steps,
+            lr=recipe.ft_lr,
+            batch=recipe.ft_batch,
+            weight_decay=recipe.ft_weight_decay,
+            scale=scale,
+            seed=seed,
+        )
+
     n_jobs = len(tasks) + 2 * sum(recipe.cl_splits)
     bar = tqdm(total=n_jobs, desc="fine-tune", disable=not progress, leave=False)
-
     finetuned: dict[str, StateDict] = {}
     for index, task in enumerate(tasks):
         key = recipe_key("finetune", parent=pre_key, task=task.name, steps=recipe.ft_steps, scale=scale, **ft_options)
-        finetuned[task.name] = cache.get_or_make(
-            key,
-            lambda task=task, index=index: train.fine_tune(
-                cfg,
-                pretrained,
-                task.train,
-                heads[task.name],
-                steps=recipe.ft_steps,
-                scale=scale,
-                seed=seed * 1000 + index,
-                **ft_options,
-            ),
-        )
+
+        def make_task(task: Task = task, index: int = index) -> StateDict:
+            return tune(pretrained, task.train, heads[task.name], None, recipe.ft_steps, seed * 1000 + index)
+
+        finetuned[task.name] = cache.get_or_make(key, make_task)
         bar.update(1)
 
     continual = []
@@ -112,17 +120,7 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
                 )
 
                 def make(start: StateDict = start, group: list[int] = group, t: int = t) -> StateDict:
-                    return train.fine_tune(
-                        cfg,
-                        start,
-                        cl_task.train,
-                        cl_head,
-                        classes=group,
-                        steps=recipe.cl_steps,
-                        scale=scale,
-                        seed=seed * 1000 + 100 + t,
-                        **ft_options,
-                    )
+                    return tune(start, cl_task.train, cl_head, group, recipe.cl_steps, seed * 1000 + 100 + t)
 
                 state = cache.get_or_make(key, make)
                 runs[mode].append(state)

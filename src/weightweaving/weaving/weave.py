@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,7 @@ class Weaver:
 
     def members(self, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
         """Every member of A* stacked (N, *shape); for global pool statistics and for tests."""
-        out = []
+        out: list[Tensor] = []
         for form, lams in self._member_groups(task_vectors, ctx):
             out.extend(
                 form.at(1.0 if lam is None else lam) if form.slope is not None else form.offset
@@ -128,7 +129,7 @@ def weave(
     executor: Executor | None = None,
     progress: bool | None = None,
     **hyperparameters: Any,
-) -> dict[str, Tensor] | os.PathLike[str]:
+) -> dict[str, Tensor] | Path:
     """Weight Weaving: pool a method's merges over a search space with the task vectors.
 
     Args:
