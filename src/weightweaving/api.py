@@ -204,6 +204,40 @@ def deliver(
         return writer.commit()
 
 
+def run_job(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    prepare: Callable[[Runner], Callable[[Tensor, UnitContext], Tensor]],
+    record: dict[str, Any],
+    *,
+    out: str | os.PathLike[str] | None,
+    overwrite: bool,
+    shard_size: str | int | None,
+    desc: str = "merging",
+    **engine: Any,
+) -> dict[str, Tensor] | Path:
+    """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
+    then stream every unit to the output (what ``merge`` and ``weave`` share)."""
+    if out is not None:
+        check_output(out, [pretrained, *finetuned], overwrite)
+    job = open_job(pretrained, finetuned, **engine)
+    try:
+        unit_fn = prepare(job.runner)
+        record = {
+            **record,
+            "pretrained": job.sources[0],
+            "finetuned": job.sources[1:],
+            "seed": engine.get("seed", 0),
+            "include": list(engine.get("include") or []),
+            "exclude": list(engine.get("exclude") or []),
+            "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
+        }
+        stream = job.runner.run(unit_fn, desc=desc)
+        return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+    finally:
+        job.close()
+
+
 def merge(
     pretrained: Source,
     finetuned: Sequence[Source],
@@ -259,11 +293,25 @@ def merge(
     if lam is not None and not math.isfinite(lam):
         raise OptionError(f"--lambda {lam} is not a finite number")
     chosen.check_lam(lam)
-    if out is not None:
-        check_output(out, [pretrained, *finetuned], overwrite)
-    job = open_job(
+
+    def prepare(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
+        stats = method_stats(chosen, p, runner)
+        return lambda tv, ctx: chosen.merge_unit(tv, p, lam, with_stats(ctx, stats))
+
+    record = {
+        "operation": "merge",
+        "method": method,
+        "lambda": lam,
+        "hyperparameters": p.model_dump(mode="json"),
+    }
+    return run_job(
         pretrained,
         finetuned,
+        prepare,
+        record,
+        out=out,
+        overwrite=overwrite,
+        shard_size=shard_size,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,
@@ -277,25 +325,3 @@ def merge(
         progress=progress,
         extras=extras,
     )
-    try:
-        stats = method_stats(chosen, p, job.runner)
-        unit_fn: Callable[[Tensor, UnitContext], Tensor] = lambda tv, ctx: chosen.merge_unit(  # noqa: E731
-            tv, p, lam, with_stats(ctx, stats)
-        )
-        record = {
-            "operation": "merge",
-            "method": method,
-            "lambda": lam,
-            "hyperparameters": p.model_dump(mode="json"),
-            "pretrained": job.sources[0],
-            "finetuned": job.sources[1:],
-            "seed": seed,
-            "include": list(include or []),
-            "exclude": list(exclude or []),
-            "dtype": str(dtype) if dtype is not None else None,
-        }
-        return deliver(
-            job, job.runner.run(unit_fn), out=out, overwrite=overwrite, shard_size=shard_size, record=record
-        )
-    finally:
-        job.close()

@@ -15,6 +15,7 @@ from weightweaving.suite.cache import CheckpointCache, recipe_key
 from weightweaving.suite.merging import paper_grid
 from weightweaving.suite.model import ViTConfig, build_model
 from weightweaving.suite.run import run_suite
+from weightweaving.suite.stability import seed_spread
 
 SMALL = data.Sizes(train=30, test=20, pretrain=10)
 
@@ -157,3 +158,5 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     meta = json.loads((again / "config.json").read_text())
     assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
     assert json.loads((again / "results.json").read_text())["results"] == results
+    spread = seed_spread([folder, again], tmp_path / "spread")
+    assert "| multitask | zero_shot |" in spread.read_text()

@@ -66,6 +66,15 @@ class LamForm:
 Scanner = Callable[[Callable[[Tensor, "UnitContext"], R]], list[R]]
 
 
+def paper_ranges(
+    multitask: tuple[float, float] = (0.1, 1.0),
+    continual: tuple[float, float] = (0.1, 1.0),
+    domain: tuple[float, float] = (0.1, 1.0),
+) -> dict[str, tuple[float, float]]:
+    """The paper's λ search range per setup (Weight Weaving, Section 4): 0.1–1.0 unless stated."""
+    return {"multitask": multitask, "continual": continual, "domain": domain}
+
+
 def seed_for(seed: int, *salt: object) -> int:
     """A 63-bit seed derived from the user's seed and any salt (parameter name, task index)."""
     text = ":".join([str(seed), *map(str, salt)]).encode()

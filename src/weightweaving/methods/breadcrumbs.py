@@ -7,13 +7,13 @@ rezazzr/breadcrumbs ``TaskVectorMiddleKeep`` (top-k along the last dimension).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 
 
@@ -67,11 +67,7 @@ class Breadcrumbs(Method):
     scope = Scope.TENSOR
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges()
     single_model_identity = False
     order_invariant = True
     summary = "sum of the task vectors, each masked to keep the middle band of magnitudes (no outliers, no small values)"

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import check_regex, is_weight_matrix, low_rank, mean_over_tasks, name_matches, thin_svd
 
@@ -45,11 +43,7 @@ class CART(Method):
     scope = Scope.TENSOR
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges()
     single_model_identity = True  # T = 1: the average is the model and its centered vector is zero
     order_invariant = True
     summary = "weight average plus λ times low-rank SVDs of the models' deviations from it"

@@ -7,14 +7,14 @@ comes from (seed, parameter name, task index) only, never from λ: one seed give
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from ..errors import OptionError
-from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
 from .registry import get_method, register
 
 
@@ -75,11 +75,7 @@ class Dare(Method):
     scope = Scope.ELEMENTWISE
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges()
     single_model_identity = False
     order_invariant = False  # task t's mask depends on its index
     stochastic = True

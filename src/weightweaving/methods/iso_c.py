@@ -3,12 +3,10 @@ Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging ``iso_c``)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import check_regex, is_weight_matrix, mean_over_tasks, name_matches, thin_svd
 
@@ -33,11 +31,7 @@ class IsoC(Method):
     scope = Scope.TENSOR
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 2.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges(multitask=(0.1, 2.0))
     single_model_identity = False  # flattening the spectrum changes even a single task vector
     order_invariant = True
     summary = "isotropic merging: the summed task matrix with all singular values set to their mean"

@@ -3,14 +3,12 @@ Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging ``iso_cts``)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..errors import OptionError
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import (
     check_regex,
@@ -47,11 +45,7 @@ class IsoCTS(Method):
     scope = Scope.TENSOR
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges()
     single_model_identity = False  # flattening the spectrum changes even a single task vector
     order_invariant = True
     summary = "isotropic merging in the common subspace plus task-specific subspaces"

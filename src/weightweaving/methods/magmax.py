@@ -5,11 +5,9 @@ Reference: danielm1405/magmax ``merge_max_abs`` (fold over tasks with ``>=``: th
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 
 
@@ -33,11 +31,7 @@ class MagMax(Method):
     scope = Scope.ELEMENTWISE
     default_lam = 0.5  # the reference's 8-task setting
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges()
     single_model_identity = False  # default λ = 0.5
     order_invariant = False  # equal magnitudes of opposite sign: the later task wins
     summary = "per entry, the task-vector value of largest magnitude"

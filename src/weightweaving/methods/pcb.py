@@ -7,13 +7,13 @@ Reference: duguodong7/pcb-merging ``pcb-merging.py:PCB_merge`` over the flattene
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import order_statistics, streamed_order_statistics
 
@@ -103,11 +103,7 @@ class Pcb(Method):
     scope = Scope.GLOBAL
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 2.5),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges(multitask=(0.1, 2.5))
     single_model_identity = False
     order_invariant = True
     summary = "weighted mean of clamped task vectors, weights from intra- and inter-task balancing scores"

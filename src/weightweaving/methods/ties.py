@@ -6,13 +6,13 @@ Reference: prateeky2806/ties-merging ``ties_minimal.ipynb`` (global flattening o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import streamed_order_statistics
 
@@ -80,11 +80,7 @@ class Ties(Method):
     scope = Scope.GLOBAL
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.1, 1.5),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges(multitask=(0.1, 1.5))
     single_model_identity = False
     order_invariant = True
     summary = (

@@ -3,13 +3,11 @@ CVPR 2025; AntoAndGar/task_singular_vectors ``compute_and_sum_svd_mem_reduction`
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
+from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import (
     check_regex,
@@ -44,11 +42,7 @@ class TSV(Method):
     scope = Scope.TENSOR
     default_lam = 1.0
     lam_min = 0.0
-    paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "multitask": (0.5, 2.0),
-        "continual": (0.1, 1.0),
-        "domain": (0.1, 1.0),
-    }
+    paper_lam_ranges = paper_ranges(multitask=(0.5, 2.0))
     single_model_identity = True  # T = 1 keeps the full rank: Δ back up to float rounding
     order_invariant = True
     summary = "task singular vectors: each task's top 1/T of its SVD, decorrelated by polar factors"

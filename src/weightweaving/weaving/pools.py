@@ -8,6 +8,7 @@ contributes all its λ members in one step (the closed forms of ALGORITHMS.md).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,19 +19,22 @@ from ..errors import OptionError
 from ..methods.base import LamForm, UnitContext
 
 
-class Pool:
+class Pool(abc.ABC):
     """Folds members into one merged task vector for one unit."""
 
     name = ""
 
+    @abc.abstractmethod
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Start a unit with ``num_members`` members shaped like ``like``."""
 
+    @abc.abstractmethod
     def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Fold the members ``form.at(λ)`` for λ in ``lams`` (member indices from ``first_index``)."""
 
+    @abc.abstractmethod
     def result(self) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+        """The pooled merged task vector of the unit."""
 
 
 def _member(form: LamForm, lam: float | None) -> Tensor:

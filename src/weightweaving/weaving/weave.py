@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..api import deliver, method_stats, open_job, with_stats
+from ..api import method_stats, run_job, with_stats
 from ..checkpoints.open import Source
-from ..engine import Executor
+from ..engine import Executor, Runner
 from ..errors import OptionError
 from ..methods import LamForm, UnitContext, get_method
 from ..methods.base import Scope
@@ -162,13 +162,29 @@ def weave(
         chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points
     )
     weaver = Weaver(method, groups, make_pool(pool, pool_hyperparameters), pool_over, closed_form=closed_form)
-    if out is not None:
-        from ..api import check_output
 
-        check_output(out, [pretrained, *finetuned], overwrite)
-    job = open_job(
+    def prepare(runner: Runner) -> Weaver:
+        weaver.prepare(runner)
+        return weaver
+
+    record = {
+        "operation": "weave",
+        "method": method,
+        "hyperparameters": dict(hyperparameters),
+        "search_space": [{"hyperparameters": g.hyperparameters, "lambdas": list(g.lams)} for g in groups],
+        "pool": pool,
+        "pool_hyperparameters": pool_hyperparameters or {},
+        "pool_over": pool_over,
+    }
+    return run_job(
         pretrained,
         finetuned,
+        prepare,
+        record,
+        out=out,
+        overwrite=overwrite,
+        shard_size=shard_size,
+        desc="weaving",
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,
@@ -181,30 +197,3 @@ def weave(
         workers=workers,
         progress=progress,
     )
-    try:
-        weaver.prepare(job.runner)
-        record = {
-            "operation": "weave",
-            "method": method,
-            "hyperparameters": dict(hyperparameters),
-            "search_space": [{"hyperparameters": g.hyperparameters, "lambdas": list(g.lams)} for g in groups],
-            "pool": pool,
-            "pool_hyperparameters": pool_hyperparameters or {},
-            "pool_over": pool_over,
-            "pretrained": job.sources[0],
-            "finetuned": job.sources[1:],
-            "seed": seed,
-            "include": list(include or []),
-            "exclude": list(exclude or []),
-            "dtype": str(dtype) if dtype is not None else None,
-        }
-        return deliver(
-            job,
-            job.runner.run(weaver, desc="weaving"),
-            out=out,
-            overwrite=overwrite,
-            shard_size=shard_size,
-            record=record,
-        )
-    finally:
-        job.close()
