@@ -180,3 +180,22 @@ def test_missing_file(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: no such file or folder"
+
+
+def test_suite_command_runs_micro_profile(tmp_path):
+    res = run_cli(
+        "suite",
+        "--profile",
+        "micro",
+        "--out",
+        tmp_path / "runs",
+        "--cache-dir",
+        tmp_path / "cache",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = tmp_path / "runs" / "micro-seed0" / "report.md"
+    assert f"report: {report}" in res.stdout
+    results = json.loads((report.parent / "results.json").read_text())
+    assert {"multitask", "continual", "domain"} <= set(results)
+    assert "average" in results["multitask"]["zero_shot"]

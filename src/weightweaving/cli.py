@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quick", action="store_true", help="the small profile (CI): under two minutes")
     s.add_argument("--seed", type=int, default=0, help="seed of data, training and merging (default: 0)")
-    s.add_argument("--out", default="runs/suite", help="run folder (default: runs/suite)")
+    s.add_argument("--seeds", type=int, nargs="+", help="run several seeds and write <out>/seed-spread.md")
+    s.add_argument("--out", default="runs/suite", help="parent of the run folder (default: runs/suite)")
+    s.add_argument("--cache-dir", help="checkpoint cache (default: ~/.cache/weightweaving/suite)")
+    s.add_argument("--profile", help=argparse.SUPPRESS)
     _common(s)
     return parser
 
@@ -236,6 +239,22 @@ def _print_methods(name: str | None) -> None:
             print(f"    --set {field}={default}    {info.description or ''}")
 
 
+def _run_suite(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .suite import run_suite
+    from .suite.stability import seed_spread
+
+    folders = [
+        run_suite(quick=args.quick, seed=seed, out=args.out, cache_dir=args.cache_dir, profile=args.profile)
+        for seed in (args.seeds or [args.seed])
+    ]
+    for folder in folders:
+        print(f"report: {folder / 'report.md'}")
+    if len(folders) > 1:
+        print(f"seed spread: {seed_spread(folders, Path(args.out))}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -253,10 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "methods":
             _print_methods(args.name)
         elif args.command == "suite":
-            from .suite import run_suite
-
-            run = run_suite(quick=args.quick, seed=args.seed, out=args.out)
-            print(f"report: {run / 'report.md'}")
+            _run_suite(args)
         return 0
     except WeightWeavingError as exc:
         if args.debug:

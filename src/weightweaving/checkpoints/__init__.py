@@ -4,4 +4,11 @@ from .base import Checkpoint, StateDictCheckpoint, TensorInfo
 from .open import open_checkpoint
 from .writer import OutputEntry, SafetensorsWriter
 
-__all__ = ["Checkpoint", "OutputEntry", "SafetensorsWriter", "StateDictCheckpoint", "TensorInfo", "open_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "OutputEntry",
+    "SafetensorsWriter",
+    "StateDictCheckpoint",
+    "TensorInfo",
+    "open_checkpoint",
+]

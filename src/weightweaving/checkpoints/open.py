@@ -52,7 +52,9 @@ def open_checkpoint(source: Source, *, label: str | None = None) -> Checkpoint:
     name = path.name
     if name.endswith(".index.json"):
         if name.startswith("pytorch_model"):
-            raise CheckpointError("sharded .bin checkpoints are not supported; convert them to safetensors", path=path)
+            raise CheckpointError(
+                "sharded .bin checkpoints are not supported; convert them to safetensors", path=path
+            )
         return ShardedSafetensors(path)
     if name.endswith(".safetensors"):
         return SafetensorsFile(path)

@@ -108,7 +108,7 @@ OrderRanks = Sequence[Sequence[int]] | Callable[[list[int]], Sequence[Sequence[i
 
 _DIGIT = 16  # bits of the key resolved per radix-select scan
 _BINS = 1 << _DIGIT
-_CHUNK = 1 << 24  # values turned into keys at a time (bounds the int64 copies of a large unit)
+_CHUNK = 1 << 22  # values turned into keys at a time (bounds the int64 temporaries of a large unit)
 
 
 def order_statistics(values: Tensor, ranks: Sequence[Sequence[int]]) -> list[Tensor]:

@@ -78,9 +78,12 @@ def run_suite(
             results[setup] = protocols.baselines(zoo, setup)
             for method in methods:
                 bar.set_postfix(setup=setup, method=method)
+                tick = time.perf_counter()
+                pools = POOLS if setup in recipe.pool_setups else ("mean",)
                 results[setup][method] = protocols.score_method(
-                    zoo, setup, method, POOLS, recipe.grid_stride, bar
+                    zoo, setup, method, pools, recipe.grid_stride, bar
                 )
+                log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
     diagnostics = {
         "interference": [protocols.interference(zoo, lam) for lam in recipe.interference_lams],
         "cosine": _cosines(zoo),
@@ -106,7 +109,8 @@ def run_suite(
         },
     }
     (folder / "results.json").write_text(
-        json.dumps({"results": results, "diagnostics": diagnostics, "meta": meta}, indent=1)
+        # setups at the top level: results["continual"]["ties"]["weave"]["average"]
+        json.dumps({**results, "diagnostics": diagnostics, "meta": meta}, indent=1)
     )
     (folder / "config.json").write_text(json.dumps(meta, indent=1))
     report.plots(results, diagnostics, folder)

@@ -54,6 +54,7 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
         lr=recipe.pretrain_lr,
         batch=recipe.pretrain_batch,
         seed=seed,
+        **({"contrastive": recipe.pretrain_contrastive} if recipe.pretrain_contrastive else {}),
     )
     log.info("pre-trained encoder %s", pre_key)
 
@@ -65,6 +66,7 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
             lr=recipe.pretrain_lr,
             batch=recipe.pretrain_batch,
             seed=seed,
+            contrastive=recipe.pretrain_contrastive,
             progress=progress,
         )
 
@@ -73,9 +75,16 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
     heads = {t.name: train.prototype_head(cfg, pretrained, t.train, t.n_classes, shots) for t in tasks}
     heads["continual"] = train.prototype_head(cfg, pretrained, cl_task.train, cl_task.n_classes, shots)
     scale = recipe.logit_scale
-    ft_options = {"lr": recipe.ft_lr, "batch": recipe.ft_batch, "weight_decay": recipe.ft_weight_decay}
+    ft_options = {
+        "lr": recipe.ft_lr,
+        "batch": recipe.ft_batch,
+        "weight_decay": recipe.ft_weight_decay,
+        "head_shots": recipe.head_shots,
+    }
 
-    def tune(start: StateDict, split: Split, head: Tensor, classes: list[int] | None, steps: int, seed: int) -> StateDict:
+    def tune(
+        start: StateDict, split: Split, head: Tensor, classes: list[int] | None, steps: int, seed: int
+    ) -> StateDict:
         return train.fine_tune(
             cfg,
             start,
@@ -94,7 +103,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
     bar = tqdm(total=n_jobs, desc="fine-tune", disable=not progress, leave=False)
     finetuned: dict[str, StateDict] = {}
     for index, task in enumerate(tasks):
-        key = recipe_key("finetune", parent=pre_key, task=task.name, steps=recipe.ft_steps, scale=scale, **ft_options)
+        key = recipe_key(
+            "finetune", parent=pre_key, task=task.name, steps=recipe.ft_steps, scale=scale, **ft_options
+        )
 
         def make_task(task: Task = task, index: int = index) -> StateDict:
             return tune(pretrained, task.train, heads[task.name], None, recipe.ft_steps, seed * 1000 + index)
