@@ -155,6 +155,7 @@ def main() -> None:
         results[label] = {
             "seconds": statistics.median(s["seconds"] for s in samples),
             "peak_rss_bytes": statistics.median(s["peak_rss_bytes"] for s in samples),
+            "samples": samples,
         }
         print(
             f"{label:45s} {results[label]['seconds']:7.2f} s  peak RSS {results[label]['peak_rss_bytes'] / 1e6:7.0f} MB",
