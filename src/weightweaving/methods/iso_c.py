@@ -3,22 +3,15 @@ Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging ``iso_c``)."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
 from torch import Tensor
 
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
-from .steps import check_regex, is_weight_matrix, mean_over_tasks, name_matches, thin_svd
+from .steps import SvdExcludeParams, is_weight_matrix, mean_over_tasks, name_matches, thin_svd
 
 
-class IsoCParams(Hyperparameters):
-    svd_exclude: str | None = Field(
-        "text_projection",
-        description="regex (re.search) on parameter names: matching 2-D parameters are averaged, "
-        "not SVD-merged; the reference skips names containing 'text_projection'; '' or None skips none",
-    )
-
-    _check_svd_exclude = field_validator("svd_exclude")(check_regex)
+class IsoCParams(SvdExcludeParams):
+    """Only the shared ``svd_exclude`` option."""
 
 
 @register("iso_c")

@@ -4,14 +4,14 @@ Task-Specific Subspaces", ICML 2025; danielm1405/iso-merging ``iso_cts``)."""
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from ..errors import OptionError
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import (
-    check_regex,
+    SvdExcludeParams,
     is_weight_matrix,
     mean_over_tasks,
     name_matches,
@@ -21,17 +21,10 @@ from .steps import (
 )
 
 
-class IsoCTSParams(Hyperparameters):
+class IsoCTSParams(SvdExcludeParams):
     common_space_fraction: float = Field(
         0.8, ge=0.0, le=1.0, description="share of the min(m, n) singular slots given to the common subspace"
     )
-    svd_exclude: str | None = Field(
-        "text_projection",
-        description="regex (re.search) on parameter names: matching 2-D parameters are averaged, "
-        "not SVD-merged; the reference skips names containing 'text_projection'; '' or None skips none",
-    )
-
-    _check_svd_exclude = field_validator("svd_exclude")(check_regex)
 
 
 @register("iso_cts")

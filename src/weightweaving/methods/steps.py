@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 from torch import Tensor
 
-from .base import Scanner, UnitContext
+from .base import Hyperparameters, Scanner, UnitContext
 
 
 def weighted_sum(task_vectors: Tensor, weights: Sequence[float] | None) -> Tensor:
@@ -250,3 +251,15 @@ def streamed_order_statistics(
         torch.stack([_key_to_value(key, width) for key, _ in row_found]) if row_found else empty
         for row_found in found
     ]
+
+
+class SvdExcludeParams(Hyperparameters):
+    """Hyperparameters shared by the SVD methods (TSV, ISO-C, ISO-CTS): which matrices skip the SVD."""
+
+    svd_exclude: str | None = Field(
+        "text_projection",
+        description="regex (re.search) on parameter names: matching 2-D parameters are averaged, "
+        "not SVD-merged; the reference skips names containing 'text_projection'; '' or None skips none",
+    )
+
+    _check_svd_exclude = field_validator("svd_exclude")(check_regex)

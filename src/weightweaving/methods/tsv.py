@@ -4,13 +4,12 @@ CVPR 2025; AntoAndGar/task_singular_vectors ``compute_and_sum_svd_mem_reduction`
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor
 
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
 from .registry import register
 from .steps import (
-    check_regex,
+    SvdExcludeParams,
     is_weight_matrix,
     mean_over_tasks,
     name_matches,
@@ -20,14 +19,8 @@ from .steps import (
 )
 
 
-class TSVParams(Hyperparameters):
-    svd_exclude: str | None = Field(
-        "text_projection",
-        description="regex (re.search) on parameter names: matching 2-D parameters are averaged, "
-        "not SVD-merged; the reference skips names containing 'text_projection'; '' or None skips none",
-    )
-
-    _check_svd_exclude = field_validator("svd_exclude")(check_regex)
+class TSVParams(SvdExcludeParams):
+    """Only the shared ``svd_exclude`` option."""
 
 
 @register("tsv")
