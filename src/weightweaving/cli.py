@@ -249,9 +249,7 @@ def _run_suite(args: argparse.Namespace) -> None:
         run_suite(quick=args.quick, seed=seed, out=args.out, cache_dir=args.cache_dir, profile=args.profile)
         for seed in (args.seeds or [args.seed])
     ]
-    for folder in folders:
-        print(f"report: {folder / 'report.md'}")
-    if len(folders) > 1:
+    if len(folders) > 1:  # a single run prints its own summary and report path
         print(f"seed spread: {seed_spread(folders, Path(args.out))}")
 
 
