@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", help="run several seeds and write <out>/seed-spread.md")
     s.add_argument("--out", default="runs/suite", help="parent of the run folder (default: runs/suite)")
     s.add_argument("--cache-dir", help="checkpoint cache (default: ~/.cache/weightweaving/suite)")
+    s.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="processes for fine-tuning and scoring (default: the usable cores, at most 8); "
+        "results do not depend on it",
+    )
     s.add_argument("--profile", help=argparse.SUPPRESS)
     _common(s)
     return parser
@@ -222,6 +228,16 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
     return validate(values, source)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _print_methods(name: str | None) -> None:
     from .methods import get_method, list_methods
 
@@ -246,7 +262,14 @@ def _run_suite(args: argparse.Namespace) -> None:
     from .suite.stability import seed_spread
 
     folders = [
-        run_suite(quick=args.quick, seed=seed, out=args.out, cache_dir=args.cache_dir, profile=args.profile)
+        run_suite(
+            quick=args.quick,
+            seed=seed,
+            out=args.out,
+            cache_dir=args.cache_dir,
+            profile=args.profile,
+            workers=args.workers,
+        )
         for seed in (args.seeds or [args.seed])
     ]
     if len(folders) > 1:  # a single run prints its own summary and report path

@@ -133,7 +133,12 @@ def test_paper_grid_includes_both_ends_and_lambda_one() -> None:
 
 def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = run_suite(
-        profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False
+        profile="micro",
+        seed=0,
+        out=tmp_path / "runs",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        workers=2,
     )
     payload = json.loads((folder / "results.json").read_text())
     results = payload  # setups at the top level, beside "diagnostics" and "meta"
@@ -151,15 +156,34 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     for png in ("sweeps.png", "best_lambda_hist.png", "cosine.png", "interference.png"):
         assert (folder / png).stat().st_size > 0
     assert "task_arithmetic" in capsys.readouterr().out
-    # a second run finds every checkpoint in the cache
+    first_meta = json.loads((folder / "config.json").read_text())
+    assert first_meta["cache"]["hits"] == 0 and first_meta["cache"]["misses"] > 0
+
+    def same_results(run: Path) -> bool:
+        payload = json.loads((run / "results.json").read_text())
+        return payload == {**results, "meta": payload["meta"]}
+
+    # a second run, in one process, finds every checkpoint in the cache and scores the same
     again = run_suite(
-        profile="micro", seed=0, out=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False
+        profile="micro",
+        seed=0,
+        out=tmp_path / "runs",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        workers=1,
     )
     meta = json.loads((again / "config.json").read_text())
-    assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
-    assert json.loads((again / "results.json").read_text()) == {
-        **results,
-        "meta": json.loads((again / "results.json").read_text())["meta"],
-    }
+    assert meta["cache"] == {"hits": first_meta["cache"]["misses"], "misses": 0}
+    assert same_results(again)
+    # training in one process from nothing gives the same checkpoints as two workers did
+    serial = run_suite(
+        profile="micro",
+        seed=0,
+        out=tmp_path / "serial",
+        cache_dir=tmp_path / "cache1",
+        progress=False,
+        workers=1,
+    )
+    assert same_results(serial)
     spread = seed_spread([folder, again], tmp_path / "spread")
     assert "| multitask | zero_shot |" in spread.read_text()

@@ -14,6 +14,8 @@ from .model import ViTConfig
 # The paper's Table 2 methods. Methods not registered in this build are skipped with a logged note.
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "breadcrumbs", "magmax", "pcb", "tsv", "iso_c")
 POOLS: tuple[str, ...] = ("mean", "random", "magmax")
+# The seeds whose results were looked at while choosing the recipes; any other seed is unseen.
+TUNED_ON_SEEDS: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,13 @@ class Recipe:
     pretrain_contrastive: float = 1.0  # weight of an added SimCLR term (0: rotation/domain only)
     # heads: class prototypes of the pre-trained features from a few labelled images per class
     head_shots: int = 16
-    logit_scale: float = 20.0
+    # CLIP's logit scale. A sharp softmax lets fine-tuning fit each task with smaller weight moves,
+    # which stay closer to the regime where task vectors add: at 20 (lr 1e-4) Task Arithmetic kept
+    # 1% of the fine-tuning gain in multi-task, at 100 (lr 3e-5) 14% (seed 0, same encoder).
+    logit_scale: float = 100.0
     # fine-tuning: AdamW, cosine decay, frozen head
     ft_steps: int = 150
-    ft_lr: float = 1e-4
+    ft_lr: float = 3e-5
     ft_batch: int = 64
     ft_weight_decay: float = 0.0
     # continual learning: class-incremental splits of fashion+digits (20 classes)
@@ -42,7 +47,7 @@ class Recipe:
     cl_steps: int = 60
     # evaluation
     methods: tuple[str, ...] = METHODS
-    pool_setups: tuple[str, ...] = ("multitask", "continual")  # where Table 3's pools run
+    pool_setups: tuple[str, ...] = ("multitask", "continual", "domain")  # where Table 3's pools run
     grid_stride: int = 1  # take every k-th point of the paper's λ grid (quick profiles)
     interference_lams: tuple[float, ...] = (0.3, 1.0)
 
@@ -55,7 +60,7 @@ PROFILES: dict[str, Recipe] = {
         tasks=("fashion", "digits", "shapes", "stripe_angle", "dot_count", "blob_position"),
         pretrain_epochs=3,
         ft_steps=50,
-        ft_lr=3e-4,  # the quick encoder is weak: gentler fine-tuning barely beats its heads
+        ft_lr=1e-4,  # the quick encoder is weak: gentler fine-tuning barely beats its heads
         cl_splits=(5,),
         cl_steps=30,
         grid_stride=2,

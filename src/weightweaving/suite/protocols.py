@@ -15,7 +15,6 @@ from statistics import mean
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import train
 from .data import Split
@@ -105,9 +104,7 @@ def _entry(per_task: Scores) -> dict[str, object]:
     return {"per_task": dict(per_task), "average": mean(per_task.values())}
 
 
-def score_method(
-    zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, bar: tqdm
-) -> dict[str, object]:
+def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
@@ -120,7 +117,6 @@ def score_method(
         for pool in pools:
             merged = weave(zoo.pretrained, problem.finetuned, method, weave_grid, pool, zoo.seed, family)
             woven[pool].update(problem.evaluate(merged))
-        bar.update(1)
     averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
     best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
     tuned = _entry(sweep[best])
@@ -140,10 +136,6 @@ def score_method(
 def _argmax(grid: list[float], values: list[float]) -> float:
     """The λ of the highest value (the first on ties)."""
     return grid[max(range(len(grid)), key=lambda i: (values[i], -i))]
-
-
-def n_problems(zoo: Zoo, setup: str) -> int:
-    return {"multitask": 1, "domain": len(zoo.tasks), "continual": len(zoo.continual)}[setup]
 
 
 def interference(zoo: Zoo, lam: float) -> dict[str, object]:

@@ -120,6 +120,16 @@ def _per_task_table(results: Results, setup: str, variant: str) -> list[str]:
     return lines
 
 
+def _seed_line(meta: Results) -> str:
+    tuned = meta.get("recipe_tuned_on_seeds", [])
+    if not tuned:
+        return ""
+    used = ", ".join(map(str, tuned))
+    if meta["seed"] in tuned:
+        return f"The recipe was chosen looking at seed {used}: this run is one of them, not an independent check."
+    return f"The recipe was chosen looking at seed {used} only: seed {meta['seed']} is an independent check."
+
+
 def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     setups = [s for s in ("multitask", "continual", "domain") if s in results]
     lines = [
@@ -129,6 +139,7 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
         "prototype heads stand in for CLIP's zero-shot heads. Accuracies in percent on held-out test images.",
         "**Tuned λ** is chosen on the evaluation data itself (privileged, as the paper's Table 1);",
         "**λ = 1** and **Weight Weaving** (mean pool over A* = Δ ∪ A, the paper's λ ranges) use no data.",
+        _seed_line(meta),
         "",
         "## Table 1 — privileged λ (best average on the evaluation data)",
         "",
@@ -196,6 +207,17 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
         lines += ["| λ | own gain (mean diag) | cross effect (mean off-diag) |", "|---|---|---|"]
         for block in inter:
             lines.append(f"| {block['lam']} | {block['own_gain']:+.1f} | {block['cross_effect']:+.1f} |")
+        lines += ["", "Per task vector Δ_j: its own gain and its mean effect on the other tasks.", ""]
+        names = inter[0]["tasks"]
+        lines.append("| Δ_j | " + " | ".join(f"λ={b['lam']} own / others" for b in inter) + " |")
+        lines.append("|---" * (len(inter) + 1) + "|")
+        for j, name in enumerate(names):
+            cells = []
+            for block in inter:
+                rows = block["delta"]  # rows: evaluated task i, columns: task vector j
+                others = [rows[i][j] for i in range(len(names)) if i != j]
+                cells.append(f"{rows[j][j]:+.1f} / {mean(others) if others else 0.0:+.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("See `interference.png` for the full matrices.")
     cos = diagnostics.get("cosine", {})

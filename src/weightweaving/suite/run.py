@@ -21,7 +21,8 @@ import weightweaving
 from . import protocols, report
 from .cache import CheckpointCache, default_cache_dir
 from .merging import available_methods
-from .profiles import POOLS, PROFILES
+from .parallel import default_workers, fork_map
+from .profiles import POOLS, PROFILES, TUNED_ON_SEEDS
 from .zoo import build_zoo
 
 log = logging.getLogger("weightweaving.suite")
@@ -35,6 +36,7 @@ def run_suite(
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
     profile: str | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Run the paper's three setups (multi-task, continual learning, domain generalisation) on a CPU.
 
@@ -46,6 +48,8 @@ def run_suite(
             (default ``~/.cache/weightweaving/suite``); a second run only merges and evaluates.
         progress: show progress bars (default: when stderr is a terminal).
         profile: a named recipe from ``PROFILES`` (overrides ``quick``; ``"micro"`` is for tests).
+        workers: processes for fine-tuning and scoring (default: the usable cores, at most 8, or
+            ``WEIGHTWEAVING_SUITE_WORKERS``); results do not depend on it.
 
     Returns:
         The run folder, holding ``report.md``, ``results.json``, ``config.json`` and the PNG plots.
@@ -61,31 +65,44 @@ def run_suite(
         )
     recipe = PROFILES[name]
     show = sys.stderr.isatty() if progress is None else progress
-    # One thread: on 2 busy cores the step time of this small model is 2-25x worse with two.
+    # One thread per process: on 2 busy cores the step time of this small model is 2-25x worse
+    # with two threads; the cores are used by worker processes instead (see ``parallel``).
     torch.set_num_threads(int(os.environ.get("WEIGHTWEAVING_SUITE_THREADS", "1")))
+    workers = workers if workers is not None else default_workers()
     started = time.perf_counter()
     folder = Path(out) / f"{name}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     cache = CheckpointCache(cache_dir if cache_dir is not None else default_cache_dir())
 
-    zoo = build_zoo(recipe, seed, cache, show)
+    zoo = build_zoo(recipe, seed, cache, show, workers)
     trained = time.perf_counter()
     methods = available_methods(recipe.methods)
-    results: dict[str, Any] = {}
-    total = sum(len(methods) * protocols.n_problems(zoo, s) for s in protocols.SETUPS)
-    with tqdm(total=total, desc="merge+evaluate", disable=not show, leave=False) as bar:
-        for setup in protocols.SETUPS:
-            results[setup] = protocols.baselines(zoo, setup)
-            for method in methods:
-                bar.set_postfix(setup=setup, method=method)
-                tick = time.perf_counter()
-                pools = POOLS if setup in recipe.pool_setups else ("mean",)
-                results[setup][method] = protocols.score_method(
-                    zoo, setup, method, pools, recipe.grid_stride, bar
-                )
-                log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
+    results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
+    # independent jobs: every (setup, method) scoring, then each interference λ
+    pairs = [(setup, method) for setup in protocols.SETUPS for method in methods]
+
+    def job(index: int) -> Any:
+        if index >= len(pairs):
+            return protocols.interference(zoo, recipe.interference_lams[index - len(pairs)])
+        setup, method = pairs[index]
+        tick = time.perf_counter()
+        pools = POOLS if setup in recipe.pool_setups else ("mean",)
+        scored = protocols.score_method(zoo, setup, method, pools, recipe.grid_stride)
+        log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
+        return scored
+
+    n_jobs = len(pairs) + len(recipe.interference_lams)
+    interference = []
+    with tqdm(total=n_jobs, desc="merge+evaluate", disable=not show, leave=False) as bar:
+        for index, value in enumerate(fork_map(job, n_jobs, workers)):
+            if index < len(pairs):
+                setup, method = pairs[index]
+                results[setup][method] = value
+            else:
+                interference.append(value)
+            bar.update(1)
     diagnostics = {
-        "interference": [protocols.interference(zoo, lam) for lam in recipe.interference_lams],
+        "interference": interference,
         "cosine": _cosines(zoo),
         "multitask_task_vector_cosine": _mean_offdiag(
             protocols.cosine_matrix(zoo.pretrained, [zoo.finetuned[t.name] for t in zoo.tasks])
@@ -96,11 +113,13 @@ def run_suite(
         "profile": name,
         "seed": seed,
         "recipe": dataclasses.asdict(recipe),
+        "recipe_tuned_on_seeds": list(TUNED_ON_SEEDS),
         "methods": methods,
         "methods_skipped": [m for m in recipe.methods if m not in methods],
         "weave_source": "weightweaving.weave" if hasattr(weightweaving, "weave") else "suite closed form",
         "cache_dir": str(cache.directory),
         "cache": {"hits": cache.hits, "misses": cache.misses},
+        "workers": workers,
         "seconds": {"train_or_load": round(trained - started, 1), "total": round(finished - started, 1)},
         "versions": {
             "weightweaving": weightweaving.__version__,

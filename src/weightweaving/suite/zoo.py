@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -11,11 +13,13 @@ from tqdm.auto import tqdm
 from . import train
 from .cache import CheckpointCache, recipe_key
 from .data import Split, Task, build_tasks, class_incremental_splits, continual_dataset
+from .parallel import fork_map
 from .profiles import Recipe
 
 log = logging.getLogger("weightweaving.suite")
 
 StateDict = dict[str, Tensor]
+Link = tuple[str, Callable[[StateDict], StateDict]]  # (cache key, make from the previous state)
 
 
 @dataclass
@@ -40,8 +44,11 @@ class Zoo:
     continual: list[ContinualRun]
 
 
-def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool) -> Zoo:
-    """Make (or load from the cache) every checkpoint the three protocols need."""
+def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool, workers: int = 1) -> Zoo:
+    """Make (or load from the cache) every checkpoint the three protocols need.
+
+    Fine-tuning runs in ``workers`` processes; the checkpoints do not depend on their number.
+    """
     tasks, pools = build_tasks(seed, recipe.sizes, list(recipe.tasks))
     cl_task = continual_dataset(tasks)
     cfg = recipe.vit
@@ -99,45 +106,84 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool)
             seed=seed,
         )
 
-    n_jobs = len(tasks) + 2 * sum(recipe.cl_splits)
-    bar = tqdm(total=n_jobs, desc="fine-tune", disable=not progress, leave=False)
-    finetuned: dict[str, StateDict] = {}
+    cl_head = heads["continual"]
+    # Every checkpoint is made by a job: a chain of links, each fine-tuned from the previous link's
+    # state (the first from θ_pre). Jobs are independent, so they run in worker processes.
+    jobs: list[list[Link]] = []
+    task_jobs: list[int] = []
     for index, task in enumerate(tasks):
         key = recipe_key(
             "finetune", parent=pre_key, task=task.name, steps=recipe.ft_steps, scale=scale, **ft_options
         )
 
-        def make_task(task: Task = task, index: int = index) -> StateDict:
-            return tune(pretrained, task.train, heads[task.name], None, recipe.ft_steps, seed * 1000 + index)
+        def make_task(start: StateDict, task: Task = task, index: int = index) -> StateDict:
+            return tune(start, task.train, heads[task.name], None, recipe.ft_steps, seed * 1000 + index)
 
-        finetuned[task.name] = cache.get_or_make(key, make_task)
-        bar.update(1)
+        task_jobs.append(len(jobs))
+        jobs.append([(key, make_task)])
 
-    continual = []
-    cl_head = heads["continual"]
+    def cl_link(mode: str, parent: str, group: list[int], t: int) -> Link:
+        key = recipe_key(
+            f"continual-{mode}",
+            parent=parent,
+            classes=group,
+            steps=recipe.cl_steps,
+            scale=scale,
+            **ft_options,
+        )
+
+        def make(start: StateDict) -> StateDict:
+            return tune(start, cl_task.train, cl_head, group, recipe.cl_steps, seed * 1000 + 100 + t)
+
+        return key, make
+
+    layout: list[tuple[int, list[list[int]], int, list[int]]] = []
     for n_tasks in recipe.cl_splits:
         groups = class_incremental_splits(cl_task.n_classes, n_tasks, seed)
-        runs: dict[str, list[StateDict]] = {"sequential": [], "individual": []}
-        for mode in runs:
-            parent_key, start = pre_key, pretrained
-            for t, group in enumerate(groups):
-                key = recipe_key(
-                    f"continual-{mode}",
-                    parent=parent_key,
-                    classes=group,
-                    steps=recipe.cl_steps,
-                    scale=scale,
-                    **ft_options,
-                )
+        chain: list[Link] = []
+        parent = pre_key
+        for t, group in enumerate(groups):  # sequential: θ_t from θ_{t-1}
+            chain.append(cl_link("sequential", parent, group, t))
+            parent = chain[-1][0]
+        sequential = len(jobs)
+        jobs.append(chain)
+        individual = []
+        for t, group in enumerate(groups):  # individual: every θ_t from θ_pre
+            individual.append(len(jobs))
+            jobs.append([cl_link("individual", pre_key, group, t)])
+        layout.append((n_tasks, groups, sequential, individual))
 
-                def make(start: StateDict = start, group: list[int] = group, t: int = t) -> StateDict:
-                    return tune(start, cl_task.train, cl_head, group, recipe.cl_steps, seed * 1000 + 100 + t)
-
-                state = cache.get_or_make(key, make)
-                runs[mode].append(state)
-                if mode == "sequential":
-                    parent_key, start = key, state
-                bar.update(1)
-        continual.append(ContinualRun(n_tasks, groups, runs["sequential"], runs["individual"]))
-    bar.close()
+    states = _run_jobs(jobs, pretrained, cache, workers, progress)
+    finetuned = {task.name: states[i][0] for task, i in zip(tasks, task_jobs, strict=True)}
+    continual = [
+        ContinualRun(n_tasks, groups, states[seq], [states[i][0] for i in ind])
+        for n_tasks, groups, seq, ind in layout
+    ]
     return Zoo(recipe, seed, tasks, cl_task, pretrained, heads, finetuned, continual)
+
+
+def _run_jobs(
+    jobs: list[list[Link]], start: StateDict, cache: CheckpointCache, workers: int, progress: bool
+) -> list[list[StateDict]]:
+    """Each job's states, loaded from the cache or made (longest chains first, in ``workers`` processes)."""
+
+    def run(index: int) -> list[StateDict]:
+        state, out = start, []
+        for key, make in jobs[index]:
+            state = cache.get_or_make(key, partial(make, state))
+            out.append(state)
+        return out
+
+    keys = [key for job in jobs for key, _ in job]
+    cached = sum(cache.path(key).exists() for key in keys)
+    hits, misses = cache.hits + cached, cache.misses + len(keys) - cached
+    todo = [i for i, job in enumerate(jobs) if not all(cache.path(key).exists() for key, _ in job)]
+    todo.sort(key=lambda i: -len(jobs[i]))
+    states = {i: run(i) for i in range(len(jobs)) if i not in set(todo)}
+    bar = tqdm(total=len(todo), desc="fine-tune", disable=not progress or not todo, leave=False)
+    for i, made in zip(todo, fork_map(lambda k: run(todo[k]), len(todo), workers), strict=True):
+        states[i] = made
+        bar.update(1)
+    bar.close()
+    cache.hits, cache.misses = hits, misses  # workers count in their own processes
+    return [states[i] for i in range(len(jobs))]
