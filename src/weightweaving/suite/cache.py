@@ -44,6 +44,16 @@ class CheckpointCache:
         self.directory = Path(directory)
         self.hits = 0
         self.misses = 0
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written ``<key>.tmp<pid>`` files left by processes that were killed."""
+        if not self.directory.is_dir():
+            return
+        for tmp in self.directory.glob("*.tmp*"):
+            pid = tmp.suffix.removeprefix(".tmp")
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
@@ -60,3 +70,13 @@ class CheckpointCache:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
         os.replace(tmp, path)
         return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

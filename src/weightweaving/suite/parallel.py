@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -36,6 +37,9 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: only the parent handles it (one clean message, no
+    # tracebacks from workers); leaving the pool then terminates the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call(index: int) -> Any:
