@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from weightweaving.suite.cache import CheckpointCache
 from weightweaving.suite.parallel import default_workers, fork_map
@@ -97,3 +98,12 @@ def test_cache_removes_temporaries_of_dead_processes(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     CheckpointCache(tmp_path)
     assert not stale.exists() and live.exists() and keep.exists()
+
+
+def test_flush_denormals_is_scoped() -> None:
+    from weightweaving.suite.train import flush_denormals
+
+    tiny = torch.tensor([1e-39])  # a float32 subnormal
+    with flush_denormals():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() > 0.0

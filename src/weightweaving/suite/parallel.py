@@ -37,6 +37,7 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as in the parent (see ``train.flush_denormals``)
     # Ctrl-C reaches the whole process group: only the parent handles it (one clean message, no
     # tracebacks from workers); leaving the pool then terminates the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

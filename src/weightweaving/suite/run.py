@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 import weightweaving
 
-from . import protocols, report
+from . import protocols, report, train
 from .cache import CheckpointCache, default_cache_dir
 from .merging import available_methods
 from .parallel import default_workers, fork_map
 from .profiles import POOLS, PROFILES, TUNED_ON_SEEDS
-from .zoo import build_zoo
+from .zoo import Zoo, build_zoo
 
 log = logging.getLogger("weightweaving.suite")
 
@@ -74,9 +74,45 @@ def run_suite(
     folder.mkdir(parents=True, exist_ok=True)
     cache = CheckpointCache(cache_dir if cache_dir is not None else default_cache_dir())
 
-    zoo = build_zoo(recipe, seed, cache, show, workers)
-    trained = time.perf_counter()
-    methods = available_methods(recipe.methods)
+    with train.flush_denormals():
+        zoo = build_zoo(recipe, seed, cache, show, workers)
+        trained = time.perf_counter()
+        methods = available_methods(recipe.methods)
+        results, diagnostics = _score(zoo, methods, workers, show)
+    finished = time.perf_counter()
+    meta = {
+        "profile": name,
+        "seed": seed,
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_tuned_on_seeds": list(TUNED_ON_SEEDS),
+        "methods": methods,
+        "methods_skipped": [m for m in recipe.methods if m not in methods],
+        "weave_source": "weightweaving.weave" if hasattr(weightweaving, "weave") else "suite closed form",
+        "cache_dir": str(cache.directory),
+        "cache": {"hits": cache.hits, "misses": cache.misses},
+        "workers": workers,
+        "seconds": {"train_or_load": round(trained - started, 1), "total": round(finished - started, 1)},
+        "versions": {
+            "weightweaving": weightweaving.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (folder / "results.json").write_text(
+        # setups at the top level: results["continual"]["ties"]["weave"]["average"]
+        json.dumps({**results, "diagnostics": diagnostics, "meta": meta}, indent=1)
+    )
+    (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    report.plots(results, diagnostics, folder)
+    (folder / "report.md").write_text(report.markdown(results, diagnostics, meta))
+    print(report.summary(results, diagnostics))
+    print(f"suite ({name}, seed {seed}) done in {finished - started:.0f} s; report: {folder / 'report.md'}")
+    return folder
+
+
+def _score(zoo: Zoo, methods: list[str], workers: int, show: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method in every setup (and the interference diagnostic), in ``workers`` processes."""
+    recipe = zoo.recipe
     results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
     # independent jobs: every (setup, method) scoring, then each interference λ
     pairs = [(setup, method) for setup in protocols.SETUPS for method in methods]
@@ -108,35 +144,7 @@ def run_suite(
             protocols.cosine_matrix(zoo.pretrained, [zoo.finetuned[t.name] for t in zoo.tasks])
         ),
     }
-    finished = time.perf_counter()
-    meta = {
-        "profile": name,
-        "seed": seed,
-        "recipe": dataclasses.asdict(recipe),
-        "recipe_tuned_on_seeds": list(TUNED_ON_SEEDS),
-        "methods": methods,
-        "methods_skipped": [m for m in recipe.methods if m not in methods],
-        "weave_source": "weightweaving.weave" if hasattr(weightweaving, "weave") else "suite closed form",
-        "cache_dir": str(cache.directory),
-        "cache": {"hits": cache.hits, "misses": cache.misses},
-        "workers": workers,
-        "seconds": {"train_or_load": round(trained - started, 1), "total": round(finished - started, 1)},
-        "versions": {
-            "weightweaving": weightweaving.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    (folder / "results.json").write_text(
-        # setups at the top level: results["continual"]["ties"]["weave"]["average"]
-        json.dumps({**results, "diagnostics": diagnostics, "meta": meta}, indent=1)
-    )
-    (folder / "config.json").write_text(json.dumps(meta, indent=1))
-    report.plots(results, diagnostics, folder)
-    (folder / "report.md").write_text(report.markdown(results, diagnostics, meta))
-    print(report.summary(results, diagnostics))
-    print(f"suite ({name}, seed {seed}) done in {finished - started:.0f} s; report: {folder / 'report.md'}")
-    return folder
+    return results, diagnostics
 
 
 def _mean_offdiag(matrix: list[list[float]]) -> float:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,21 @@ from .data import Split
 from .model import VisionTransformer, ViTConfig, build_model, state_dict_of
 
 EVAL_BATCH = 1024
+
+
+@contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero inside the block (restored after).
+
+    With CLIP's logit scale a fitted softmax leaves gradients so small that AdamW's second moments
+    fall below 1e-38; arithmetic on such subnormals is slow on CPUs (some 60-step fine-tunes took
+    15x longer: 44 s instead of 3 s). Flushing them to zero changes nothing measurable otherwise.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _encoder(config: ViTConfig, state: dict[str, Tensor]) -> VisionTransformer:

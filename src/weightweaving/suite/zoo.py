@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -49,7 +50,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
 
     Fine-tuning runs in ``workers`` processes; the checkpoints do not depend on their number.
     """
+    tick = time.perf_counter()
     tasks, pools = build_tasks(seed, recipe.sizes, list(recipe.tasks))
+    log.info("data ready in %.1f s", time.perf_counter() - tick)
     cl_task = continual_dataset(tasks)
     cfg = recipe.vit
     pre_key = recipe_key(
@@ -77,7 +80,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
             progress=progress,
         )
 
+    tick = time.perf_counter()
     pretrained = cache.get_or_make(pre_key, make_pretrained)
+    log.info("pre-trained encoder ready in %.1f s", time.perf_counter() - tick)
     shots = recipe.head_shots
     heads = {t.name: train.prototype_head(cfg, pretrained, t.train, t.n_classes, shots) for t in tasks}
     heads["continual"] = train.prototype_head(cfg, pretrained, cl_task.train, cl_task.n_classes, shots)
@@ -153,7 +158,14 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
             jobs.append([cl_link("individual", pre_key, group, t)])
         layout.append((n_tasks, groups, sequential, individual))
 
+    tick = time.perf_counter()
     states = _run_jobs(jobs, pretrained, cache, workers, progress)
+    log.info(
+        "%d fine-tuned checkpoints ready in %.1f s (%d workers)",
+        sum(map(len, jobs)),
+        time.perf_counter() - tick,
+        workers,
+    )
     finetuned = {task.name: states[i][0] for task, i in zip(tasks, task_jobs, strict=True)}
     continual = [
         ContinualRun(n_tasks, groups, states[seq], [states[i][0] for i in ind])
