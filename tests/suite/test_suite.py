@@ -131,15 +131,19 @@ def test_paper_grid_includes_both_ends_and_lambda_one() -> None:
     assert coarse[0] == 0.1 and coarse[-1] == 1.0
 
 
-def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = run_suite(
+def _micro(tmp_path: Path, out: str, cache: str, workers: int) -> Path:
+    return run_suite(
         profile="micro",
         seed=0,
-        out=tmp_path / "runs",
-        cache_dir=tmp_path / "cache",
+        out=tmp_path / out,
+        cache_dir=tmp_path / cache,
         progress=False,
-        workers=2,
+        workers=workers,
     )
+
+
+def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _micro(tmp_path, "runs", "cache", workers=2)
     payload = json.loads((folder / "results.json").read_text())
     results = payload  # setups at the top level, beside "diagnostics" and "meta"
     for setup in ("multitask", "continual", "domain"):
@@ -164,26 +168,12 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         return payload == {**results, "meta": payload["meta"]}
 
     # a second run, in one process, finds every checkpoint in the cache and scores the same
-    again = run_suite(
-        profile="micro",
-        seed=0,
-        out=tmp_path / "runs",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-        workers=1,
-    )
+    again = _micro(tmp_path, "runs", "cache", workers=1)
     meta = json.loads((again / "config.json").read_text())
     assert meta["cache"] == {"hits": first_meta["cache"]["misses"], "misses": 0}
     assert same_results(again)
     # training in one process from nothing gives the same checkpoints as two workers did
-    serial = run_suite(
-        profile="micro",
-        seed=0,
-        out=tmp_path / "serial",
-        cache_dir=tmp_path / "cache1",
-        progress=False,
-        workers=1,
-    )
+    serial = _micro(tmp_path, "serial", "cache1", workers=1)
     assert same_results(serial)
     spread = seed_spread([folder, again], tmp_path / "spread")
     assert "| multitask | zero_shot |" in spread.read_text()
