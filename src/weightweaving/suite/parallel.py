@@ -15,6 +15,8 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ..errors import WeightWeavingError
+
 T = TypeVar("T")
 
 _JOB: Callable[[int], Any] | None = None
@@ -25,6 +27,8 @@ def default_workers() -> int:
     """``WEIGHTWEAVING_SUITE_WORKERS`` if set, else the usable cores (at most 8)."""
     env = os.environ.get("WEIGHTWEAVING_SUITE_WORKERS")
     if env:
+        if not env.strip().isdigit():
+            raise WeightWeavingError(f"WEIGHTWEAVING_SUITE_WORKERS must be a whole number, got {env!r}")
         return max(1, int(env))
     try:
         cores = len(os.sched_getaffinity(0))

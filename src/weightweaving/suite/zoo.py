@@ -187,11 +187,11 @@ def _run_jobs(
         return out
 
     keys = [key for job in jobs for key, _ in job]
-    cached = sum(cache.path(key).exists() for key in keys)
-    hits, misses = cache.hits + cached, cache.misses + len(keys) - cached
-    todo = [i for i, job in enumerate(jobs) if not all(cache.path(key).exists() for key, _ in job)]
+    cached = {key for key in keys if cache.path(key).exists()}
+    hits, misses = cache.hits + len(cached), cache.misses + len(keys) - len(cached)
+    todo = [i for i, job in enumerate(jobs) if any(key not in cached for key, _ in job)]
     todo.sort(key=lambda i: -len(jobs[i]))
-    states = {i: run(i) for i in range(len(jobs)) if i not in set(todo)}
+    states = {i: run(i) for i in set(range(len(jobs))) - set(todo)}
     bar = tqdm(total=len(todo), desc="fine-tune", disable=not progress or not todo, leave=False)
     for i, made in zip(todo, fork_map(lambda k: run(todo[k]), len(todo), workers), strict=True):
         states[i] = made
