@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m ruff check src tests benchmarks
-.venv/bin/python -m ruff format --check src tests benchmarks
+.venv/bin/python -m ruff check src tests benchmarks scripts
+.venv/bin/python -m ruff format --check src tests benchmarks scripts
 .venv/bin/python -m mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "suite",
         help="run the built-in experiment suite (the paper's three setups, on CPU)",
-        description="Pre-train a small CLIP-like ViT, fine-tune it on eight tasks and compare every method at its "
-        "tuned λ, at λ = 1 and with Weight Weaving, in the paper's three setups.",
+        description="Fine-tune a small CLIP-like ViT (pre-trained offline, shipped with the package) on eight "
+        "tasks and compare every method at its tuned λ, at λ = 1 and with Weight Weaving, in the paper's "
+        "three setups.",
     )
     s.add_argument("--quick", action="store_true", help="the small profile (CI): under two minutes")
     s.add_argument("--seed", type=int, default=0, help="seed of data, training and merging (default: 0)")

@@ -48,6 +48,17 @@ def test_real_datasets_load() -> None:
     assert int(joint.train.labels.max()) < 20 and len(joint.test) == 40
 
 
+def test_digits_test_images_never_seen_by_the_encoder_whatever_the_seed() -> None:
+    sizes = data.Sizes(train=2000, test=300, pretrain=3000)  # the shipped encoder's sizes
+    (zero,), pools = data.build_tasks(0, sizes, ["digits"])
+    (one,), _ = data.build_tasks(1, sizes, ["digits"])
+    assert torch.equal(zero.test.images, one.test.images)  # one fixed test split
+    assert not torch.equal(zero.train.images, one.train.images)  # other seeds shuffle the rest
+    assert torch.allclose(zero.train.images.sum(0), one.train.images.sum(0))  # ... the same images
+    seen = {bytes(image.numpy()) for image in pools["digits"]}
+    assert len(seen) > 1000 and not any(bytes(image.numpy()) in seen for image in one.test.images)
+
+
 def test_missing_fashion_mnist_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(weightweaving.WeightWeavingError, match="apt-get install -y dataset-fashion-mnist"):
         data.load_fashion(tmp_path)

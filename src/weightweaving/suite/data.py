@@ -262,8 +262,12 @@ def _domain_pool(
         return xtr[tr], ytr[tr], xte[te], yte[te]
     if domain == "digits":
         x, y = load_digits_28()
-        order = _rng(seed, "digits-split").permutation(len(y))
+        # One fixed test split for every seed (seed 0's): the shipped encoder saw the other
+        # images unlabelled, and must never have seen a test image whatever the seed.
+        order = _rng(0, "digits-split").permutation(len(y))
         test, train = order[: sizes.test], order[sizes.test :]
+        if seed:  # other seeds shuffle the training images (seed 0's order made the encoder)
+            train = train[_rng(seed, "digits-order").permutation(len(train))]
         return x[train], y[train], x[test], y[test]
     gen = GENERATORS[domain][0]
     xtr, ytr = gen(_rng(seed, domain, "train"), n_train)
@@ -277,7 +281,8 @@ def build_tasks(
     """The eight tasks, plus each domain's unlabelled pre-training images (disjoint from the tasks').
 
     Digits has only 1,797 images, so its pre-training images are its own training images without
-    labels (as CLIP saw much of the web without the downstream labels).
+    labels (as CLIP saw much of the web without the downstream labels); its test images are the
+    same for every seed and never among them.
     """
     tasks, pretrain = [], {}
     for name in names or TASK_NAMES:

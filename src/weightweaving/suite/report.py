@@ -130,13 +130,24 @@ def _seed_line(meta: Results) -> str:
     return f"The recipe was chosen looking at seed {used} only: seed {meta['seed']} is an independent check."
 
 
+def _encoder_line(meta: Results) -> str:
+    spec = meta["recipe"].get("encoder")
+    if not spec:
+        return "A small CLIP-shaped ViT, pre-trained in this run, stands in for CLIP;"
+    return (
+        f"A small CLIP-shaped ViT stands in for CLIP: the shipped encoder `{spec['file']}` ({spec['epochs']} "
+        f"epochs of the suite's pre-training, seed {spec['seed']}, made offline by `scripts/pretrain_encoder.py`);"
+    )
+
+
 def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     setups = [s for s in ("multitask", "continual", "domain") if s in results]
     lines = [
         f"# weightweaving suite — profile `{meta['profile']}`, seed {meta['seed']}",
         "",
-        "A small CLIP-shaped ViT, pre-trained by the suite, stands in for CLIP; frozen per-task class-",
-        "prototype heads stand in for CLIP's zero-shot heads. Accuracies in percent on held-out test images.",
+        _encoder_line(meta),
+        "frozen per-task class-prototype heads stand in for CLIP's zero-shot heads. Accuracies in percent",
+        "on held-out test images.",
         "**Tuned λ** is chosen on the evaluation data itself (privileged, as the paper's Table 1);",
         "**λ = 1** and **Weight Weaving** (mean pool over A* = Δ ∪ A, the paper's λ ranges) use no data.",
         _seed_line(meta),

@@ -85,6 +85,7 @@ def run_suite(
         "seed": seed,
         "recipe": dataclasses.asdict(recipe),
         "recipe_tuned_on_seeds": list(TUNED_ON_SEEDS),
+        "encoder_sha256": zoo.encoder_sha256,
         "methods": methods,
         "methods_skipped": [m for m in recipe.methods if m not in methods],
         "weave_source": "weightweaving.weave" if hasattr(weightweaving, "weave") else "suite closed form",

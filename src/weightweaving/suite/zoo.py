@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import train
 from .cache import CheckpointCache, recipe_key
 from .data import Split, Task, build_tasks, class_incremental_splits, continual_dataset
+from .encoder import asset_path, load_encoder
 from .parallel import fork_map
 from .profiles import Recipe
 
@@ -43,6 +44,7 @@ class Zoo:
     heads: dict[str, Tensor]  # task name -> (C, embed_dim); "continual" for the 20-class head
     finetuned: dict[str, StateDict]  # task name -> θ_t
     continual: list[ContinualRun]
+    encoder_sha256: str | None = None  # of the shipped encoder file, when the recipe starts from one
 
 
 def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool, workers: int = 1) -> Zoo:
@@ -55,33 +57,40 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
     log.info("data ready in %.1f s", time.perf_counter() - tick)
     cl_task = continual_dataset(tasks)
     cfg = recipe.vit
-    pre_key = recipe_key(
-        "pretrain",
-        vit=cfg,
-        sizes=recipe.sizes,
-        tasks=recipe.tasks,
-        epochs=recipe.pretrain_epochs,
-        lr=recipe.pretrain_lr,
-        batch=recipe.pretrain_batch,
-        seed=seed,
-        **({"contrastive": recipe.pretrain_contrastive} if recipe.pretrain_contrastive else {}),
-    )
-    log.info("pre-trained encoder %s", pre_key)
-
-    def make_pretrained() -> StateDict:
-        return train.pretrain(
-            cfg,
-            pools,
+    tick = time.perf_counter()
+    digest = None
+    if recipe.encoder is not None:  # start from the shipped encoder, as the paper starts from CLIP
+        path = asset_path(recipe.encoder)
+        pretrained, digest = load_encoder(path, cfg)
+        pre_key = recipe_key("encoder", recipe=recipe.encoder, sha256=digest)
+        log.info("pre-trained encoder %s (%s)", path.name, digest[:16])
+    else:
+        pre_key = recipe_key(
+            "pretrain",
+            vit=cfg,
+            sizes=recipe.sizes,
+            tasks=recipe.tasks,
             epochs=recipe.pretrain_epochs,
             lr=recipe.pretrain_lr,
             batch=recipe.pretrain_batch,
             seed=seed,
-            contrastive=recipe.pretrain_contrastive,
-            progress=progress,
+            **({"contrastive": recipe.pretrain_contrastive} if recipe.pretrain_contrastive else {}),
         )
+        log.info("pre-trained encoder %s", pre_key)
 
-    tick = time.perf_counter()
-    pretrained = cache.get_or_make(pre_key, make_pretrained)
+        def make_pretrained() -> StateDict:
+            return train.pretrain(
+                cfg,
+                pools,
+                epochs=recipe.pretrain_epochs,
+                lr=recipe.pretrain_lr,
+                batch=recipe.pretrain_batch,
+                seed=seed,
+                contrastive=recipe.pretrain_contrastive,
+                progress=progress,
+            )
+
+        pretrained = cache.get_or_make(pre_key, make_pretrained)
     log.info("pre-trained encoder ready in %.1f s", time.perf_counter() - tick)
     shots = recipe.head_shots
     heads = {t.name: train.prototype_head(cfg, pretrained, t.train, t.n_classes, shots) for t in tasks}
@@ -171,7 +180,7 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
         ContinualRun(n_tasks, groups, states[seq], [states[i][0] for i in ind])
         for n_tasks, groups, seq, ind in layout
     ]
-    return Zoo(recipe, seed, tasks, cl_task, pretrained, heads, finetuned, continual)
+    return Zoo(recipe, seed, tasks, cl_task, pretrained, heads, finetuned, continual, digest)
 
 
 def _run_jobs(
