@@ -95,3 +95,25 @@ def test_remake_script_writes_the_recipe_it_is_given(tmp_path: Path, monkeypatch
     assert module.main(["--out", str(out)]) == 0
     assert stored_recipe(out)["file"] == "micro.safetensors"
     load_encoder(out, MICRO_VIT)
+
+
+def test_a_shipped_encoder_is_fine_tuned_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every seed starts from the same encoder file, yet fine-tunes its own data: no cache sharing."""
+    from weightweaving.suite import zoo as zoo_module
+    from weightweaving.suite.cache import CheckpointCache
+
+    path = tmp_path / MICRO_SPEC.file
+    save_encoder(pretrain_encoder(MICRO_SPEC), MICRO_SPEC, path)
+    monkeypatch.setattr(zoo_module, "asset_path", lambda spec: tmp_path / spec.file)
+    recipe = dataclasses.replace(profiles.PROFILES["micro"], encoder=MICRO_SPEC)
+    cache = CheckpointCache(tmp_path / "cache")
+    first = zoo_module.build_zoo(recipe, 0, cache, progress=False)
+    misses = cache.misses
+    second = zoo_module.build_zoo(recipe, 1, cache, progress=False)
+    assert cache.misses == 2 * misses and first.encoder_sha256 == second.encoder_sha256
+    assert all(torch.equal(first.pretrained[k], second.pretrained[k]) for k in first.pretrained)
+    for name in first.finetuned:
+        assert not torch.equal(first.finetuned[name]["proj"], second.finetuned[name]["proj"])
+    again = zoo_module.build_zoo(recipe, 1, cache, progress=False)
+    assert cache.misses == 2 * misses  # the second seed's checkpoints are now cached
+    assert all(torch.equal(again.finetuned[n]["proj"], second.finetuned[n]["proj"]) for n in again.finetuned)

@@ -97,6 +97,8 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
     heads["continual"] = train.prototype_head(cfg, pretrained, cl_task.train, cl_task.n_classes, shots)
     scale = recipe.logit_scale
     ft_options = {
+        # the data (and so the heads) a fine-tune sees: a shipped encoder's key does not hold them
+        "data": {"seed": seed, "sizes": recipe.sizes, "tasks": recipe.tasks},
         "lr": recipe.ft_lr,
         "batch": recipe.ft_batch,
         "weight_decay": recipe.ft_weight_decay,
