@@ -188,3 +188,20 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert same_results(serial)
     spread = seed_spread([folder, again], tmp_path / "spread")
     assert "| multitask | zero_shot |" in spread.read_text()
+
+
+def test_report_names_tuned_lambdas_at_the_ends_of_the_grid() -> None:
+    from weightweaving.suite.report import _grid_edges
+
+    def entry(lam: float) -> dict[str, object]:
+        return {"tuned": {"lam": lam}, "sweep": {"lambdas": [0.1, 0.5, 1.0]}}
+
+    results = {
+        "multitask": {"zero_shot": {}, "ties": entry(0.5), "tsv": entry(1.0)},
+        "continual": {"ties": entry(0.1), "tsv": entry(0.5)},
+    }
+    assert _grid_edges(results, ["multitask", "continual"]) == [
+        "multi-task: tsv 1.0",
+        "continual learning: ties 0.1",
+    ]
+    assert _grid_edges({"multitask": {"ties": entry(0.5)}}, ["multitask"]) == []

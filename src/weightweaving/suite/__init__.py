@@ -1,6 +1,7 @@
 """The built-in experiment suite: the paper's three setups on a laptop CPU, with tables and plots.
 
-``run_suite()`` pre-trains a small CLIP-shaped ViT, fine-tunes it on eight visibly different tasks
+``run_suite()`` starts from a small CLIP-shaped ViT pre-trained offline and shipped with the package
+(``encoder.py``; the test profile pre-trains its own), fine-tunes it on eight visibly different tasks
 and on class-incremental splits, merges through :func:`weightweaving.merge` / ``weave`` and writes a
 run folder (``report.md``, ``results.json``, PNG plots). Checkpoints are cached by recipe hash.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -130,6 +131,19 @@ def _seed_line(meta: Results) -> str:
     return f"The recipe was chosen looking at seed {used} only: seed {meta['seed']} is an independent check."
 
 
+def _grid_edges(results: Results, setups: Sequence[str]) -> list[str]:
+    out = []
+    for setup in setups:
+        hits = []
+        for m in methods_of(results, setup):
+            grid, lam = results[setup][m]["sweep"]["lambdas"], results[setup][m]["tuned"]["lam"]
+            if lam in (grid[0], grid[-1]):
+                hits.append(f"{m} {lam}")
+        if hits:
+            out.append(f"{SETUP_TITLES[setup].lower()}: " + ", ".join(hits))
+    return out
+
+
 def _encoder_line(meta: Results) -> str:
     spec = meta["recipe"].get("encoder")
     if not spec:
@@ -166,6 +180,14 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     for m in methods_of(results, setups[0]):
         cells = [f"{_f(results[s][m]['tuned']['average'])} ({results[s][m]['tuned']['lam']})" for s in setups]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    edges = _grid_edges(results, setups)
+    if edges:
+        lines += [
+            "",
+            "Tuned λ at an end of the paper's grid (the best λ may lie outside it): "
+            + "; ".join(edges)
+            + ".",
+        ]
     lines += ["", "## Table 2 — data-free: λ = 1 → Weight Weaving (mean pool)", ""]
     lines.append(
         "| method | "
