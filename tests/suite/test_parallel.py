@@ -106,4 +106,7 @@ def test_flush_denormals_is_scoped() -> None:
     tiny = torch.tensor([1e-39])  # a float32 subnormal
     with flush_denormals():
         assert (tiny * 1.0).item() == 0.0
+        with flush_denormals():  # e.g. pre-training inside a run
+            assert (tiny * 1.0).item() == 0.0
+        assert (tiny * 1.0).item() == 0.0
     assert (tiny * 1.0).item() > 0.0

@@ -35,9 +35,16 @@ def asset_path(spec: EncoderRecipe) -> Path:
     return ASSETS / spec.file
 
 
-def pretrain_encoder(spec: EncoderRecipe, progress: bool = False) -> StateDict:
-    """Pre-train the encoder ``spec`` describes (float32; the same spec gives the same weights)."""
-    _, pools = build_tasks(spec.seed, spec.sizes, list(spec.tasks))
+def pretrain_encoder(
+    spec: EncoderRecipe, progress: bool = False, pools: dict[str, Tensor] | None = None
+) -> StateDict:
+    """Pre-train the encoder ``spec`` describes (float32; the same spec gives the same weights).
+
+    ``pools``: the unlabelled images of ``build_tasks(spec.seed, spec.sizes, spec.tasks)`` when the
+    caller already has them.
+    """
+    if pools is None:
+        _, pools = build_tasks(spec.seed, spec.sizes, list(spec.tasks))
     with train.flush_denormals():
         return train.pretrain(
             spec.vit,

@@ -90,6 +90,20 @@ class Recipe:
     grid_stride: int = 1  # take every k-th point of the paper's λ grid (quick profiles)
     interference_lams: tuple[float, ...] = (0.3, 1.0)
 
+    def pretraining(self, seed: int) -> EncoderRecipe:
+        """The encoder a run pre-trains for itself when the recipe ships none."""
+        return EncoderRecipe(
+            file=f"{self.name}-seed{seed}.safetensors",
+            vit=self.vit,
+            sizes=self.sizes,
+            tasks=self.tasks,
+            epochs=self.pretrain_epochs,
+            lr=self.pretrain_lr,
+            batch=self.pretrain_batch,
+            contrastive=self.pretrain_contrastive,
+            seed=seed,
+        )
+
 
 PROFILES: dict[str, Recipe] = {
     "full": Recipe(name="full"),

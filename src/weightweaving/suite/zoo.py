@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import train
 from .cache import CheckpointCache, recipe_key
 from .data import Split, Task, build_tasks, class_incremental_splits, continual_dataset
-from .encoder import asset_path, load_encoder
+from .encoder import asset_path, load_encoder, pretrain_encoder
 from .parallel import fork_map
 from .profiles import Recipe
 
@@ -65,32 +65,10 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
         pre_key = recipe_key("encoder", recipe=recipe.encoder, sha256=digest)
         log.info("pre-trained encoder %s (%s)", path.name, digest[:16])
     else:
-        pre_key = recipe_key(
-            "pretrain",
-            vit=cfg,
-            sizes=recipe.sizes,
-            tasks=recipe.tasks,
-            epochs=recipe.pretrain_epochs,
-            lr=recipe.pretrain_lr,
-            batch=recipe.pretrain_batch,
-            seed=seed,
-            **({"contrastive": recipe.pretrain_contrastive} if recipe.pretrain_contrastive else {}),
-        )
+        spec = recipe.pretraining(seed)
+        pre_key = recipe_key("pretrain", recipe=spec)
         log.info("pre-trained encoder %s", pre_key)
-
-        def make_pretrained() -> StateDict:
-            return train.pretrain(
-                cfg,
-                pools,
-                epochs=recipe.pretrain_epochs,
-                lr=recipe.pretrain_lr,
-                batch=recipe.pretrain_batch,
-                seed=seed,
-                contrastive=recipe.pretrain_contrastive,
-                progress=progress,
-            )
-
-        pretrained = cache.get_or_make(pre_key, make_pretrained)
+        pretrained = cache.get_or_make(pre_key, partial(pretrain_encoder, spec, progress, pools))
     log.info("pre-trained encoder ready in %.1f s", time.perf_counter() - tick)
     shots = recipe.head_shots
     heads = {t.name: train.prototype_head(cfg, pretrained, t.train, t.n_classes, shots) for t in tasks}
