@@ -1,6 +1,6 @@
-"""Re-make the suite's shipped pre-trained encoder from its recipe (about 20 minutes of one CPU core).
+"""Re-make the suite's shipped pre-trained encoder from its recipe (about 40 minutes of one CPU core).
 
-    .venv/bin/python scripts/pretrain_encoder.py            # write it to ./encoder-e36-seed0.safetensors
+    .venv/bin/python scripts/pretrain_encoder.py            # write it to ./encoder-e72-seed0.safetensors
     .venv/bin/python scripts/pretrain_encoder.py --install  # overwrite the packaged copy
 
 It prints the new file's SHA-256 beside the packaged one's; on the same PyTorch build they match.

@@ -15,7 +15,8 @@ from .model import ViTConfig
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "breadcrumbs", "magmax", "pcb", "tsv", "iso_c")
 POOLS: tuple[str, ...] = ("mean", "random", "magmax")
 # The seeds whose results were looked at while choosing the recipes; any other seed is unseen.
-TUNED_ON_SEEDS: tuple[int, ...] = (0,)
+# Fine-tuning lr was chosen on seed 0; the shipped encoder (36 or 72 epochs) on seeds 0-2.
+TUNED_ON_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,17 @@ class EncoderRecipe:
     seed: int
 
 
-# The encoder the full and quick profiles start from, as the paper's runs start from CLIP: 36 epochs
-# of the suite's own pre-training (about 20 minutes of one CPU core, too long for the 10-minute run).
-# Three epochs made task vectors that barely add: Task Arithmetic kept 16% of the multi-task gain;
-# with this encoder it keeps 36-46% (seeds 0 and 1), TSV 71-79%.
+# The encoder the full and quick profiles start from, as the paper's runs start from CLIP: 72 epochs
+# of the suite's own pre-training (about 40 minutes of one CPU core, too long for the 10-minute run).
+# Task Arithmetic's share of the multi-task fine-tuning gain (tuned λ; seeds 0, 1, 2): 3 epochs
+# (pre-trained in the run, lr 3e-5) 16%, 14%, 28%; 36 epochs (lr 6e-5) 48%, 37%, 15%; 72 epochs
+# (lr 1e-4) 55%, 33%, 28%, with larger fine-tuning gains (12-15 points against 10-13).
 SHIPPED_ENCODER = EncoderRecipe(
-    file="encoder-e36-seed0.safetensors",
+    file="encoder-e72-seed0.safetensors",
     vit=ViTConfig(),
     sizes=Sizes(train=2000, test=300, pretrain=3000),
     tasks=tuple(TASK_NAMES),
-    epochs=36,
+    epochs=72,
     lr=2e-3,
     batch=128,
     contrastive=1.0,
@@ -74,11 +76,10 @@ class Recipe:
     # which stay closer to the regime where task vectors add: at 20 (lr 1e-4) Task Arithmetic kept
     # 1% of the fine-tuning gain in multi-task, at 100 (lr 3e-5) 16% (seed 0, 3-epoch encoder).
     logit_scale: float = 100.0
-    # fine-tuning: AdamW, cosine decay, frozen head. With the shipped encoder, lr 3e-5 gained only
-    # 7.9 points over the heads (seed 0); 6e-5 gains 10-13 and Task Arithmetic keeps 36-46% of it;
-    # 1e-4 gains 11.7 but TA keeps 29%.
+    # fine-tuning: AdamW, cosine decay, frozen head. With the shipped encoder (seed 0): lr 6e-5
+    # gained 10.7 points over the heads, Task Arithmetic keeping 52% of it; 1e-4 gains 12.4, TA 53%.
     ft_steps: int = 150
-    ft_lr: float = 6e-5
+    ft_lr: float = 1e-4
     ft_batch: int = 64
     ft_weight_decay: float = 0.0
     # continual learning: class-incremental splits of fashion+digits (20 classes)
