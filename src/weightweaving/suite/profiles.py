@@ -113,7 +113,6 @@ PROFILES: dict[str, Recipe] = {
         sizes=Sizes(train=1000, test=150, pretrain=800),
         tasks=("fashion", "digits", "shapes", "stripe_angle", "dot_count", "blob_position"),
         ft_steps=50,
-        ft_lr=1e-4,  # a third of the full profile's steps, so a larger step size
         cl_splits=(5,),
         cl_steps=30,
         grid_stride=2,
