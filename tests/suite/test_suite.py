@@ -205,3 +205,12 @@ def test_report_names_tuned_lambdas_at_the_ends_of_the_grid() -> None:
         "continual learning: ties 0.1",
     ]
     assert _grid_edges({"multitask": {"ties": entry(0.5)}}, ["multitask"]) == []
+
+
+def test_report_says_whether_the_seed_was_used_to_choose_the_recipe() -> None:
+    from weightweaving.suite.report import _seed_line
+
+    assert _seed_line({"seed": 1, "recipe_tuned_on_seeds": [0, 1, 2]}).startswith(
+        "The recipe was chosen looking at seeds 0, 1, 2: this run is one of them"
+    )
+    assert _seed_line({"seed": 3, "recipe_tuned_on_seeds": [0]}).endswith("seed 3 is an independent check.")

@@ -125,10 +125,10 @@ def _seed_line(meta: Results) -> str:
     tuned = meta.get("recipe_tuned_on_seeds", [])
     if not tuned:
         return ""
-    used = ", ".join(map(str, tuned))
+    used = ("seeds " if len(tuned) > 1 else "seed ") + ", ".join(map(str, tuned))
     if meta["seed"] in tuned:
-        return f"The recipe was chosen looking at seed {used}: this run is one of them, not an independent check."
-    return f"The recipe was chosen looking at seed {used} only: seed {meta['seed']} is an independent check."
+        return f"The recipe was chosen looking at {used}: this run is one of them, not an independent check."
+    return f"The recipe was chosen looking at {used} only: seed {meta['seed']} is an independent check."
 
 
 def _grid_edges(results: Results, setups: Sequence[str]) -> list[str]:
