@@ -276,9 +276,11 @@ def _domain_pool(
 
 
 def build_tasks(
-    seed: int, sizes: Sizes, names: list[str] | None = None
+    seed: int, sizes: Sizes, names: list[str] | None = None, pools: bool = True
 ) -> tuple[list[Task], dict[str, Tensor]]:
     """The eight tasks, plus each domain's unlabelled pre-training images (disjoint from the tasks').
+
+    ``pools=False`` leaves the pre-training images out (``{}``); the tasks are the same.
 
     Digits has only 1,797 images, so its pre-training images are its own training images without
     labels (as CLIP saw much of the web without the downstream labels); its test images are the
@@ -298,7 +300,8 @@ def build_tasks(
         train = Split(colourise(xtr[ft], name), torch.from_numpy(ytr[ft]))
         test = Split(colourise(xte, name), torch.from_numpy(yte))
         tasks.append(Task(name, list(classes), train, test))
-        pretrain[name] = colourise(xtr[pre][: sizes.pretrain], name)
+        if pools:
+            pretrain[name] = colourise(xtr[pre][: sizes.pretrain], name)
     return tasks, pretrain
 
 

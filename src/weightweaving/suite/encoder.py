@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 from torch import Tensor
 
@@ -110,8 +110,6 @@ def load_encoder(path: str | os.PathLike[str], config: ViTConfig) -> tuple[State
 
 def stored_recipe(path: str | os.PathLike[str]) -> dict[str, object]:
     """The recipe recorded in an encoder file's header (empty when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     recipe = json.loads(metadata["recipe"]) if "recipe" in metadata else {}

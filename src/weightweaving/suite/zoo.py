@@ -53,7 +53,8 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
     Fine-tuning runs in ``workers`` processes; the checkpoints do not depend on their number.
     """
     tick = time.perf_counter()
-    tasks, pools = build_tasks(seed, recipe.sizes, list(recipe.tasks))
+    # a shipped encoder needs no pre-training images (24k of them for the full profile)
+    tasks, pools = build_tasks(seed, recipe.sizes, list(recipe.tasks), pools=recipe.encoder is None)
     log.info("data ready in %.1f s", time.perf_counter() - tick)
     cl_task = continual_dataset(tasks)
     cfg = recipe.vit
