@@ -1,4 +1,8 @@
-"""Loading the reference cases in ``../shared/oracles`` and comparing with their stated tolerance."""
+"""Loading the reference cases in ``tests/data/oracles`` and comparing with their stated tolerance.
+
+The cases were produced by each method's own reference code (see ``tests/data/oracles/README.md``);
+``scripts/refresh_oracles.py`` copies new ones in. ``WEIGHTWEAVING_ORACLES`` points at another copy.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(
-    os.environ.get("WEIGHTWEAVING_ORACLES", Path(__file__).resolve().parents[1].parent / "shared" / "oracles")
-)
+ROOT = Path(os.environ.get("WEIGHTWEAVING_ORACLES", Path(__file__).resolve().parent / "data" / "oracles"))
 
 
 @dataclass
@@ -34,7 +36,9 @@ class OracleCase:
 def case_paths(method: str) -> list[Path]:
     folder = ROOT / method
     if not folder.is_dir():
-        raise FileNotFoundError(f"oracle folder {folder} is missing; set WEIGHTWEAVING_ORACLES")
+        raise FileNotFoundError(
+            f"oracle folder {folder} is missing (scripts/refresh_oracles.py copies cases in)"
+        )
     return sorted(folder.glob("case*.json"), key=lambda p: int(p.stem[4:]))
 
 
