@@ -28,7 +28,7 @@ class Hyperparameters(BaseModel):
 
 
 class Scope(str, enum.Enum):
-    """Over what a method computes its statistics (ALGORITHMS.md, conventions)."""
+    """Over what a method computes its statistics (docs/algorithms.md, conventions)."""
 
     ELEMENTWISE = "per-parameter"  # no statistic shared between entries; any chunking is exact
     TENSOR = "tensor"  # a statistic per parameter tensor (top-k threshold, SVD)

@@ -1,5 +1,5 @@
 """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per task, drop the largest-magnitude outliers
-and the small values, keep the band between (ALGORITHMS.md, `breadcrumbs`).
+and the small values, keep the band between (docs/algorithms.md, `breadcrumbs`).
 
 ``scope="tensor"`` (default) is mergekit 0.1.5 ``magnitude_outliers``; ``scope="row"`` is the authors'
 rezazzr/breadcrumbs ``TaskVectorMiddleKeep`` (top-k along the last dimension).

@@ -1,4 +1,4 @@
-"""DARE, drop and rescale (Yu et al., ICML 2024), combined with a base method (ALGORITHMS.md, `dare`).
+"""DARE, drop and rescale (Yu et al., ICML 2024), combined with a base method (docs/algorithms.md, `dare`).
 
 Reference: yule-BUAA/MergeLM ``mask_input_with_mask_rate``. Unlike MergeLM's global RNG, the mask
 comes from (seed, parameter name, task index) only, never from λ: one seed gives one mask for every

@@ -1,4 +1,4 @@
-"""PCB-Merging (Du et al., NeurIPS 2024): parameter competition balancing (ALGORITHMS.md, `pcb`).
+"""PCB-Merging (Du et al., NeurIPS 2024): parameter competition balancing (docs/algorithms.md, `pcb`).
 
 Reference: duguodong7/pcb-merging ``pcb-merging.py:PCB_merge`` over the flattened task vectors X
 (T × n); ``variant="vision"`` is the repository's ``vision_source_code/pcb.py``.

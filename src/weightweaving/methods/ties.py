@@ -1,4 +1,4 @@
-"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean (ALGORITHMS.md, `ties`).
+"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean (docs/algorithms.md, `ties`).
 
 Reference: prateeky2806/ties-merging ``ties_minimal.ipynb`` (global flattening of every parameter).
 """

@@ -1,4 +1,4 @@
-"""Weight averaging: θ = mean_t θ_t, optionally weighted (ALGORITHMS.md, `weight_averaging`)."""
+"""Weight averaging: θ = mean_t θ_t, optionally weighted (docs/algorithms.md, `weight_averaging`)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Members arrive as groups ``(form, lams)``: a :class:`LamForm` ``offset + λ·slope`` and the λ values at
 which it is a member (a task vector is a group of one with no slope). Each pool keeps a running state
 the size of one tensor, so memory does not grow with the search space, and a linear or affine method
-contributes all its λ members in one step (the closed forms of ALGORITHMS.md).
+contributes all its λ members in one step (the closed forms of docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ..errors import OptionError
 from ..methods.base import LamKind, Method
 
 SETUPS = ("multitask", "continual", "domain")
-FALLBACK_RANGE = (0.1, 1.0)  # ALGORITHMS.md: methods outside the paper use 0.1–1.0
+FALLBACK_RANGE = (0.1, 1.0)  # docs/algorithms.md: methods outside the paper use 0.1–1.0
 
 
 def grid(start: float, stop: float, step: float = 0.1) -> list[float]:
