@@ -167,6 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--profile", help=argparse.SUPPRESS)
     _common(s)
+
+    c = sub.add_parser(
+        "convert",
+        help="turn a pickled PyTorch checkpoint (a whole module or a state dict) into safetensors, "
+        "without running it",
+        description="Convert a torch.save file to safetensors without trusting it.\n\n"
+        "Every class the file names becomes an inert record: nothing is imported and nothing in the file\n"
+        "runs. Tensors are named by module path, exactly as state_dict() names them. A file that asks to\n"
+        "call anything other than a class or a tensor constructor (os.system, eval, ...) is refused with\n"
+        "that name. Made for the whole-module checkpoints (torch.save(model)) of the paper-line codebases:\n"
+        "task_vectors, TSV, ISO, Weight Weaving.",
+        epilog="examples:\n  weightweaving convert finetuned_SVHN.pt svhn.safetensors\n"
+        "  weightweaving convert zeroshot.pt zeroshot/      (a folder holding model.safetensors)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("input", metavar="IN", help="a torch.save file (zip or legacy format) or a plain pickle")
+    c.add_argument(
+        "output", metavar="OUT", help="a .safetensors file, or a folder (no suffix) for model.safetensors"
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _common(c)
     return parser
 
 
@@ -295,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_methods(args.name)
         elif args.command == "suite":
             _run_suite(args)
+        elif args.command == "convert":
+            from .checkpoints.convert import convert_checkpoint
+
+            written, count, what = convert_checkpoint(args.input, args.output, overwrite=args.overwrite)
+            print(f"wrote {written}: {count} tensors from {what}")
         return 0
     except WeightWeavingError as exc:
         if args.debug:

@@ -13,7 +13,7 @@ from tests.helpers import load_folder, run_cli, save_hf_folder, save_safetensors
 from .util import assert_error, raw_safetensors, run_cli_many, task_arithmetic
 
 REFUSED = "refused: loading it would need full unpickling, which can run code"
-ADVICE = "convert it to safetensors in a trusted environment"
+ADVICE = "try 'weightweaving convert IN OUT', which reads it without running it"
 
 
 class Payload:

@@ -66,7 +66,7 @@ class TorchFile(Checkpoint):
                 ) from None
             raise CheckpointError(
                 f"refused: loading it would need full unpickling, which can run code ({_reason(exc)}); "
-                "convert it to safetensors in a trusted environment",
+                "try 'weightweaving convert IN OUT', which reads it without running it",
                 path=self.path,
             ) from None
         except Exception as exc:  # a corrupt file can make torch.load fail in any way
