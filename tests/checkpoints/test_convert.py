@@ -274,3 +274,11 @@ def test_a_pickled_transformers_clip_model(tmp_path):
     tensors, what = read_pickled(tmp_path / "clip.pt")
     assert what == "a pickled module 'transformers.models.clip.modeling_clip.CLIPModel'"
     _assert_same(tensors, model.state_dict())
+
+
+def test_a_tensor_larger_than_its_bytes_is_refused(tmp_path):
+    """Zero strides make a view bigger than its storage; written out, a small file could fill a disk."""
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.zeros(1).expand(1000)}, path)
+    with pytest.raises(CheckpointError, match=r"1000 elements views a storage of 1 \(overlapping strides\)"):
+        read_pickled(path)

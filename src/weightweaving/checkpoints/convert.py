@@ -227,11 +227,16 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
     usable = storage.data.numel() - storage.data.numel() % itemsize
     flat = storage.data[:usable].view(storage.dtype)  # (numel,)
     try:
-        return flat.as_strided(shape, strides, offset)
+        tensor = flat.as_strided(shape, strides, offset)
     except RuntimeError as exc:  # sizes/strides out of the storage's bounds
         raise pickle.UnpicklingError(
             f"a tensor does not fit its storage: {str(exc).splitlines()[0]}"
         ) from None
+    if tensor.numel() > flat.numel():  # overlapping strides: writing it out would multiply the bytes
+        raise pickle.UnpicklingError(
+            f"a tensor of {tensor.numel()} elements views a storage of {flat.numel()} (overlapping strides)"
+        )
+    return tensor
 
 
 def _rebuild_parameter(data: Any, *rest: Any) -> Any:
@@ -367,6 +372,8 @@ def _load_zip(archive: zipfile.ZipFile) -> tuple[Any, list[str]]:
             raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive")
         if key not in loaded:
             info = archive.getinfo(f"{prefix}data/{key}")
+            if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses; a bomb might
+                raise pickle.UnpicklingError(f"storage {key!r} is compressed, which torch never does")
             nbytes = _nbytes(numel, dtype)
             if info.file_size < nbytes:
                 raise pickle.UnpicklingError(f"storage {key!r} is shorter than its tensors need")
