@@ -15,9 +15,11 @@ import torch
 import yaml
 from torch import Tensor
 
+from .card import model_card
 from .checkpoints import OutputEntry, SafetensorsWriter, open_checkpoint
 from .checkpoints.base import Checkpoint
-from .checkpoints.open import Source
+from .checkpoints.llm import fit_to_base, read_config
+from .checkpoints.open import WEIGHT_FILES, Source
 from .engine import Executor, LocalExecutor, Runner, make_plan
 from .engine.plan import align_keys
 from .errors import OptionError, WeightWeavingError
@@ -76,13 +78,17 @@ def open_job(
     workers: int,
     progress: bool | None,
     extras: dict[str, Any] | None = None,
+    vocab: str = "error",
 ) -> Job:
     if isinstance(finetuned, (str, os.PathLike, Mapping)):
         raise OptionError("'finetuned' must be a list of checkpoints, one per fine-tuned model")
     base = open_checkpoint(pretrained, label="pretrained")
-    models = [
-        align_keys(base, open_checkpoint(src, label=f"finetuned[{i}]")) for i, src in enumerate(finetuned)
-    ]
+    models, fit_notes = [], []
+    for i, src in enumerate(finetuned):
+        model = align_keys(base, open_checkpoint(src, label=f"finetuned[{i}]", base=base))
+        model, notes = fit_to_base(base, model, vocab=vocab)
+        models.append(model)
+        fit_notes += notes
     plan = make_plan(
         base,
         models,
@@ -91,6 +97,9 @@ def open_job(
         out_dtype=parse_dtype(dtype),
         common_only=common_only,
     )
+    for note in fit_notes:
+        log.warning(note)
+    plan.notes[:0] = fit_notes
     cdtype = parse_dtype(compute_dtype, "--compute-dtype") or torch.float32
     if not cdtype.is_floating_point or cdtype in (torch.float16, torch.bfloat16):
         raise OptionError("--compute-dtype must be float32 or float64")
@@ -187,12 +196,6 @@ def deliver(
     if out is None:
         return {name: tensor for name, tensor in results}
     entries = [OutputEntry(u.name, u.shape, u.out_dtype) for u in job.runner.plan.units]
-    record = {
-        **record,
-        "versions": versions(),
-        "notes": job.runner.plan.notes,
-        "left_out": job.runner.plan.left_out,
-    }
     with SafetensorsWriter(
         out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite
     ) as writer:
@@ -200,8 +203,35 @@ def deliver(
             writer.write(name, tensor)
         for extra in job.base.extra_files:
             writer.copy_file(extra)
-        writer.add_file("weightweaving_config.yaml", yaml.safe_dump(record, sort_keys=False).encode())
+        library = "transformers" if read_config(job.base) is not None else None
+        write_provenance(writer, job, record, library_name=library)
         return writer.commit()
+
+
+def base_name(job: Job) -> str:
+    """The base as a user names it: its folder when it is a model folder's weights file."""
+    path = job.base.path
+    if path is not None and path.name in WEIGHT_FILES:
+        return str(path.parent)
+    return job.sources[0]
+
+
+def write_provenance(
+    writer: SafetensorsWriter, job: Job, record: dict[str, Any], *, library_name: str | None
+) -> None:
+    """Add ``weightweaving_config.yaml`` and the model card (``README.md``) to an output."""
+    record = {
+        **record,
+        "versions": versions(),
+        "notes": job.runner.plan.notes,
+        "left_out": job.runner.plan.left_out,
+    }
+    config_text = yaml.safe_dump(record, sort_keys=False, allow_unicode=True)
+    writer.add_file("weightweaving_config.yaml", config_text.encode())
+    card = model_card(
+        record, config_text, base_model=base_name(job), library_name=library_name, title=writer.out_dir.name
+    )
+    writer.add_file("README.md", card.encode())
 
 
 def run_job(
@@ -214,10 +244,17 @@ def run_job(
     overwrite: bool,
     shard_size: str | int | None,
     desc: str = "merging",
+    out_lora: int | None = None,
     **engine: Any,
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
     then stream every unit to the output (what ``merge`` and ``weave`` share)."""
+    if out_lora is not None and (out is None or isinstance(out_lora, bool) or out_lora < 1):
+        raise OptionError(
+            "--out-lora needs an output folder (--out)"
+            if out is None
+            else f"--out-lora {out_lora} must be a rank >= 1"
+        )
     if out is not None:
         check_output(out, [pretrained, *finetuned], overwrite)
     job = open_job(pretrained, finetuned, **engine)
@@ -232,6 +269,15 @@ def run_job(
             "exclude": list(engine.get("exclude") or []),
             "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
         }
+        if engine.get("vocab", "error") != "error":
+            record["vocab"] = engine["vocab"]
+        if out_lora is not None:
+            from .lora_out import deliver_lora
+
+            assert out is not None
+            return deliver_lora(
+                job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
+            )
         stream = job.runner.run(unit_fn, desc=desc)
         return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
     finally:
@@ -259,6 +305,8 @@ def merge(
     executor: Executor | None = None,
     progress: bool | None = None,
     extras: dict[str, Any] | None = None,
+    vocab: str = "error",
+    out_lora: int | None = None,
     **hyperparameters: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge fine-tuned models into their pre-trained base with one method at one λ.
@@ -274,6 +322,10 @@ def merge(
         include, exclude: regular expressions choosing which parameters are merged (others are copied).
         seed: seeds every random draw (DARE masks); the same seed gives the same bytes.
         shard_size: largest shard of the output (``"2GB"``); default one file.
+        vocab: ``"error"`` (default) refuses fine-tunes with more vocabulary rows than the base;
+            ``"base"`` merges the rows all models share and keeps the base's size.
+        out_lora: write a PEFT LoRA adapter of this rank (truncated SVD of each merged update)
+            instead of a full model; needs ``out``.
         **hyperparameters: the method's hyperparameters by their canonical names.
 
     Returns:
@@ -324,4 +376,6 @@ def merge(
         workers=workers,
         progress=progress,
         extras=extras,
+        vocab=vocab,
+        out_lora=out_lora,
     )

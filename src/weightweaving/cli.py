@@ -14,6 +14,8 @@ import yaml
 from . import __version__
 from .config import MergeOptions, load_yaml, option_flag, reserved_names, run_options, validate
 from .errors import OptionError, WeightWeavingError
+from .inspection import add_inspect_parser, run_inspect
+from .verify import add_verify_parser, run_verify
 
 MERGE_EPILOG = """examples:
   weightweaving merge --base pre/ --models ft1/ ft2/ --method task_arithmetic --lambda 0.3 --out merged/
@@ -38,6 +40,8 @@ FLAGS = {
     "exclude": "exclude",
     "seed": "seed",
     "workers": "workers",
+    "vocab": "vocab",
+    "out_lora": "out_lora",
 }
 SWITCHES = ("overwrite", "common_only", "allow_nonfinite")
 
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", default=None, help=_help("overwrite"))
     m.add_argument("--common-only", action="store_true", default=None, help=_help("common_only"))
     m.add_argument("--allow-nonfinite", action="store_true", default=None, help=_help("allow_nonfinite"))
+    m.add_argument("--vocab", choices=["error", "base"], help=_help("vocab"))
+    m.add_argument("--out-lora", type=_positive_int, metavar="RANK", help=_help("out_lora"))
     w = m.add_argument_group("Weight Weaving")
     w.add_argument("--weave", action="store_true", help="pool merges over a search space instead of one λ")
     w.add_argument(
@@ -142,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="search over another hyperparameter (repeatable: a grid)",
     )
     _common(m)
+
+    _common(add_verify_parser(sub))
+    _common(add_inspect_parser(sub))
 
     meth = sub.add_parser("methods", help="list the merge methods, their hyperparameters and λ ranges")
     meth.add_argument("name", nargs="?", help="show one method only")
@@ -321,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             written, count, what = convert_checkpoint(args.input, args.output, overwrite=args.overwrite)
             print(f"wrote {written}: {count} tensors from {what}")
+        elif args.command == "verify":
+            return run_verify(args)
+        elif args.command == "inspect":
+            run_inspect(args)
         return 0
     except WeightWeavingError as exc:
         if args.debug:

@@ -77,6 +77,13 @@ class MergeOptions(BaseModel):
     allow_nonfinite: bool = Field(False, description="merge even if a checkpoint holds NaN or Inf")
     workers: int = Field(1, ge=1, description="threads (overlap reading with computing)")
     weave: WeaveOptions | None = Field(None, description="Weight Weaving options (omit for a plain merge)")
+    vocab: Literal["error", "base"] = Field(
+        "error",
+        description="fine-tunes with added tokens: error, or base = merge the rows all models share",
+    )
+    out_lora: int | None = Field(
+        None, ge=1, description="write a LoRA adapter of this rank (truncated SVD) instead of a full model"
+    )
 
 
 def describe_error(exc: ValidationError, source: str) -> str:
@@ -172,6 +179,8 @@ def run_options(options: MergeOptions, *, progress: bool | None = None) -> Path:
         allow_nonfinite=options.allow_nonfinite,
         workers=options.workers,
         progress=progress,
+        vocab=options.vocab,
+        out_lora=options.out_lora,
     )
     if options.weave is None:
         result = merge(

@@ -49,6 +49,10 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.infos())
 
+    def changed(self) -> set[str] | None:
+        """The names whose values may differ from the base's; ``None`` when any may (a full model)."""
+        return None
+
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<state dict>"
 
@@ -94,6 +98,10 @@ class RenamedCheckpoint(Checkpoint):
 
     def get(self, name: str) -> Tensor:
         return self.inner.get(self.strip + name)
+
+    def changed(self) -> set[str] | None:
+        inner = self.inner.changed()
+        return None if inner is None else {k[len(self.strip) :] for k in inner if k.startswith(self.strip)}
 
     def label(self) -> str:
         return self.inner.label()

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .base import Checkpoint, StateDictCheckpoint
+from .lora import LoraCheckpoint, is_adapter_folder
 from .safetensors_file import SafetensorsFile
 from .sharded import ShardedSafetensors
 from .torch_file import TorchFile
@@ -23,19 +24,30 @@ WEIGHT_FILES = (
     "open_clip_pytorch_model.bin",
 )
 # Non-weight files of a Hugging Face folder that a merged output should carry over.
-CARRIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py.txt", ".yaml", ".yml", ".md")
-NOT_CARRIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "weightweaving_config.yaml"}
+CARRIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py.txt", ".yaml", ".yml", ".md", ".jinja")
+# The output's own card, provenance and manifest replace the base's.
+NOT_CARRIED = {
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "weightweaving_config.yaml",
+    "weightweaving_manifest.json",
+    "README.md",
+}
 
 Source = str | os.PathLike[str] | Mapping[str, Tensor] | Checkpoint
 
 
-def open_checkpoint(source: Source, *, label: str | None = None) -> Checkpoint:
+def open_checkpoint(
+    source: Source, *, label: str | None = None, base: Checkpoint | None = None
+) -> Checkpoint:
     """Open ``source`` lazily.
 
     Args:
         source: a ``.safetensors`` file, a ``.pt``/``.bin`` file, a folder (Hugging Face model folder
             or sharded safetensors), an index JSON, or an in-memory state dict.
         label: a name for in-memory state dicts, used in error messages.
+        base: the pre-trained checkpoint, needed to open a PEFT LoRA adapter folder (its weights
+            are the base's plus the adapter's low-rank updates).
 
     Returns:
         A :class:`Checkpoint`.
@@ -47,6 +59,12 @@ def open_checkpoint(source: Source, *, label: str | None = None) -> Checkpoint:
     path = Path(source)
     if not path.exists():
         raise CheckpointError("no such file or folder", path=path)
+    if is_adapter_folder(path):
+        if base is None:
+            raise CheckpointError(
+                "is a LoRA adapter; it can only be merged on top of a base (--base)", path=path
+            )
+        return LoraCheckpoint(path, base)
     if path.is_dir():
         return _open_folder(path)
     name = path.name

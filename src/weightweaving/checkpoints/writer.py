@@ -9,6 +9,7 @@ is renamed into place only when complete, so a killed run never leaves a folder 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightWeavingError
+from .manifest import write_manifest
 from .safetensors_file import DTYPE_NAMES
 
 STAGING_MARK = ".weightweaving-partial-"
@@ -90,8 +92,10 @@ class SafetensorsWriter:
         max_shard_bytes: int | None = None,
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        basename: str = "model",
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.basename = basename
         if self.out_dir.is_symlink():  # write where the link points, so the rename stays on that disk
             self.out_dir = self.out_dir.resolve()
         if self.out_dir.exists() and not overwrite:
@@ -116,6 +120,8 @@ class SafetensorsWriter:
         self._files: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         self._nbytes: dict[str, int] = {}
         self._fds: list[int] = []
+        # SHA-256 of each weight file, fed as its bytes are written in order (``None``: re-read at commit)
+        self._hashes: dict[int, tuple[str, hashlib._Hash | None, int]] = {}
         self._written: set[str] = set()
         self._shards = _layout(entries, max_shard_bytes)
         self._entries = {e.name: e for e in entries}
@@ -138,8 +144,8 @@ class SafetensorsWriter:
     def shard_names(self) -> list[str]:
         n = len(self._shards)
         if n == 1:
-            return ["model.safetensors"]
-        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            return [f"{self.basename}.safetensors"]
+        return [f"{self.basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     def _prepare(self) -> None:
         self.weight_map: dict[str, str] = {}
@@ -158,7 +164,9 @@ class SafetensorsWriter:
             raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes
             fd = os.open(self.staging / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            head = struct.pack("<Q", len(raw)) + raw
+            os.pwrite(fd, head, 0)
+            self._hashes[fd] = (file_name, hashlib.sha256(head), len(head))
             data_start = 8 + len(raw)
             os.ftruncate(fd, data_start + offset)
             pos = 0
@@ -187,6 +195,12 @@ class SafetensorsWriter:
             raise WeightWeavingError(
                 f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
             ) from None
+        file_name, digest, expected = self._hashes[fd]
+        if digest is not None and offset == expected and name not in self._written:
+            digest.update(view)
+            self._hashes[fd] = (file_name, digest, expected + len(view))
+        else:  # written out of order: hash the file at commit instead
+            self._hashes[fd] = (file_name, None, expected)
         self._written.add(name)
 
     def add_file(self, name: str, content: bytes) -> None:
@@ -215,11 +229,12 @@ class SafetensorsWriter:
         try:
             if len(self._shards) > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-                self.add_file("model.safetensors.index.json", json.dumps(index, indent=2).encode())
+                self.add_file(f"{self.basename}.safetensors.index.json", json.dumps(index, indent=2).encode())
             for fd in self._fds:
                 os.fsync(fd)
                 os.close(fd)
             self._fds = []
+            write_manifest(self.staging, self._streamed_hashes())  # last, so it covers every file
             old: Path | None = None
             if self.out_dir.exists():
                 old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned like staging
@@ -235,6 +250,14 @@ class SafetensorsWriter:
             ) from None
         self._committed = True
         return self.out_dir
+
+    def _streamed_hashes(self) -> dict[str, str]:
+        """Digests of the weight files hashed while written, for those written whole and in order."""
+        known = {}
+        for file_name, digest, length in self._hashes.values():
+            if digest is not None and (self.staging / file_name).stat().st_size == length:
+                known[file_name] = digest.hexdigest()
+        return known
 
     def abort(self) -> None:
         for fd in self._fds:

@@ -146,3 +146,21 @@ class Runner:
                 bar.update(
                     unit.numel * unit.base_dtype.itemsize * (len(self.models) + 1 if unit.merge else 1)
                 )
+
+    def run_deltas(
+        self, unit_fn: UnitFn, units: Sequence[Unit], desc: str = "merging"
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(name, merged task vector)`` for ``units`` (merged ones), in order, in the compute
+        dtype on the CPU: what a LoRA output factorises, without the base added and cast away."""
+        self.passes += 1
+
+        def one(unit: Unit) -> Tensor:
+            _, task_vectors = self.load(unit)
+            return unit_fn(task_vectors, self.context(unit)).to("cpu")
+
+        with self._bar(
+            sum(u.numel * u.base_dtype.itemsize * (len(self.models) + 1) for u in units), desc
+        ) as bar:
+            for unit, delta in zip(units, self.executor.map(one, units), strict=True):
+                yield unit.name, delta
+                bar.update(unit.numel * unit.base_dtype.itemsize * (len(self.models) + 1))

@@ -128,6 +128,8 @@ def weave(
     workers: int = 1,
     executor: Executor | None = None,
     progress: bool | None = None,
+    vocab: str = "error",
+    out_lora: int | None = None,
     **hyperparameters: Any,
 ) -> dict[str, Tensor] | Path:
     """Weight Weaving: pool a method's merges over a search space with the task vectors.
@@ -196,4 +198,6 @@ def weave(
         executor=executor,
         workers=workers,
         progress=progress,
+        vocab=vocab,
+        out_lora=out_lora,
     )
