@@ -152,11 +152,18 @@ def plot_cosine(report: dict[str, Any], path: str) -> None:
 def _print_summary(info: dict[str, Any], shapes: bool) -> None:
     dtypes = ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items())
     print(
-        f"{info['path']}: {info['tensors']} tensors, {info['parameters']:,} parameters, {info['bytes'] / 2**20:.1f} MiB ({dtypes})"
+        f"{info['path']}: {info['tensors']} tensors, {info['parameters']:,} parameters, {_size(info['bytes'])} ({dtypes})"
     )
     if shapes:
         for name, (shape, dtype) in info["shapes"].items():
             print(f"  {name}  {tuple(shape)}  {dtype}")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _matrix(rows: list[list[float]], labels: list[str]) -> list[str]:
