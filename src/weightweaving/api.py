@@ -249,12 +249,13 @@ def run_job(
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
     then stream every unit to the output (what ``merge`` and ``weave`` share)."""
-    if out_lora is not None and (out is None or isinstance(out_lora, bool) or out_lora < 1):
-        raise OptionError(
-            "--out-lora needs an output folder (--out)"
-            if out is None
-            else f"--out-lora {out_lora} must be a rank >= 1"
-        )
+    if out_lora is not None:
+        if out is None:
+            raise OptionError("--out-lora needs an output folder (--out)")
+        if isinstance(out_lora, bool) or not isinstance(out_lora, int) or out_lora < 1:
+            raise OptionError(f"--out-lora {out_lora} must be a rank >= 1")
+        if shard_size is not None:
+            raise OptionError("--out-lora writes one adapter file; --shard-size does not apply")
     if out is not None:
         check_output(out, [pretrained, *finetuned], overwrite)
     job = open_job(pretrained, finetuned, **engine)

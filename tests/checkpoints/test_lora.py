@@ -11,7 +11,7 @@ import yaml
 import weightweaving
 from tests.helpers import run_cli
 from tests.llm import fine_tune, llama, transformers
-from weightweaving.errors import CheckpointError
+from weightweaving.errors import CheckpointError, OptionError
 
 peft = pytest.importorskip("peft")
 
@@ -177,3 +177,20 @@ def test_an_adapter_needs_a_base(tmp_path, base):
         res.stderr
         == f"error: {tmp_path / 'ad'}: is a LoRA adapter; it can only be merged on top of a base (--base)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"out_lora": 4}, "--out-lora needs an output folder (--out)"),
+        ({"out_lora": 0, "out": "o"}, "--out-lora 0 must be a rank >= 1"),
+        (
+            {"out_lora": 4, "out": "o", "shard_size": "1GB"},
+            "--out-lora writes one adapter file; --shard-size does not apply",
+        ),
+    ],
+)
+def test_out_lora_option_errors(options, message):
+    with pytest.raises(OptionError) as err:
+        weightweaving.merge({"w.weight": torch.zeros(2, 2)}, [{"w.weight": torch.ones(2, 2)}], **options)
+    assert str(err.value) == message
