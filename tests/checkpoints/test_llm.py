@@ -171,3 +171,13 @@ def test_integer_buffers_are_copied_from_the_base(tmp_path):
     stored = load_folder(out)
     assert stored["pos_ids"].dtype == torch.int64 and torch.equal(stored["pos_ids"], base["pos_ids"])
     assert torch.equal(stored["w.weight"], ft["w.weight"])
+
+
+def test_rows_are_read_from_the_start_of_a_tensor_only(tmp_path):
+    from weightweaving.checkpoints import open_checkpoint
+
+    sd = {"emb.weight": torch.randn(7, 3), "b": torch.randn(4)}
+    save_hf_folder(tmp_path / "m", sd)
+    ckpt = open_checkpoint(tmp_path / "m")
+    assert torch.equal(ckpt.get_rows("emb.weight", 5), sd["emb.weight"][:5])
+    assert torch.equal(ckpt.get_rows("b", 2), sd["b"][:2])

@@ -194,3 +194,18 @@ def test_out_lora_option_errors(options, message):
     with pytest.raises(OptionError) as err:
         weightweaving.merge({"w.weight": torch.zeros(2, 2)}, [{"w.weight": torch.ones(2, 2)}], **options)
     assert str(err.value) == message
+
+
+def test_out_lora_of_a_weave_reproduces_the_woven_updates(tmp_path):
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(6, 4, generator=gen), "b.weight": torch.randn(3, 5, generator=gen)}
+    tuned = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
+    woven = weightweaving.weave(base, tuned, "ties", lambdas=[0.5, 1.0], k=0.5)
+    out = weightweaving.weave(base, tuned, "ties", lambdas=[0.5, 1.0], k=0.5, out=tmp_path / "o", out_lora=5)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    for name in base:
+        module = "base_model.model." + name.removesuffix(".weight")
+        update = adapter[module + ".lora_B.weight"] @ adapter[module + ".lora_A.weight"]
+        assert torch.allclose(base[name] + update, woven[name], atol=1e-5), name

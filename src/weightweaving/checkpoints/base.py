@@ -53,6 +53,10 @@ class Checkpoint:
         """The names whose values may differ from the base's; ``None`` when any may (a full model)."""
         return None
 
+    def get_rows(self, name: str, rows: int) -> Tensor:
+        """The first ``rows`` rows of a tensor (readers that can, read only those bytes)."""
+        return self.get(name)[:rows]
+
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<state dict>"
 
@@ -98,6 +102,9 @@ class RenamedCheckpoint(Checkpoint):
 
     def get(self, name: str) -> Tensor:
         return self.inner.get(self.strip + name)
+
+    def get_rows(self, name: str, rows: int) -> Tensor:
+        return self.inner.get_rows(self.strip + name, rows)
 
     def changed(self) -> set[str] | None:
         inner = self.inner.changed()

@@ -65,10 +65,10 @@ class FittedCheckpoint(Checkpoint):
         return self._infos
 
     def get(self, name: str) -> Tensor:
-        tensor = self.inner.get(self.alias.get(name, name))
-        if name in self.rows:
-            tensor = tensor[: self.rows[name]]
-        return tensor
+        source = self.alias.get(name, name)
+        if name in self.rows:  # added tokens: read the shared rows only
+            return self.inner.get_rows(source, self.rows[name])
+        return self.inner.get(source)
 
     def changed(self) -> set[str] | None:
         inner = self.inner.changed()

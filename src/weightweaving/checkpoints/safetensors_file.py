@@ -154,7 +154,18 @@ class SafetensorsFile(Checkpoint):
         return self._infos
 
     def get(self, name: str) -> Tensor:
-        dtype, shape, begin, end = self._entries[name]
+        _, shape, begin, end = self._entries[name]
+        return self._read(name, shape, begin, end)
+
+    def get_rows(self, name: str, rows: int) -> Tensor:
+        """Read only the first ``rows`` rows: they are the first bytes of the tensor's data."""
+        _, shape, begin, end = self._entries[name]
+        rows = min(rows, shape[0]) if shape else 0
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        return self._read(name, (rows, *shape[1:]), begin, begin + rows * row_bytes)
+
+    def _read(self, name: str, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
+        dtype = self._entries[name][0]
         if self._fd is None:
             self._fd = os.open(self._file, os.O_RDONLY)
         nbytes = end - begin

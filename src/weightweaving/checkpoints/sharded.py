@@ -53,6 +53,9 @@ class ShardedSafetensors(Checkpoint):
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
 
+    def get_rows(self, name: str, rows: int) -> Tensor:
+        return self._where[name].get_rows(name, rows)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
