@@ -7,6 +7,7 @@ import json
 import torch
 
 from tests.helpers import run_cli, save_hf_folder, toy_models
+from weightweaving.cli import main
 
 
 def test_inspect_compares_task_vectors_per_layer_and_whole_model(tmp_path):
@@ -56,18 +57,16 @@ def test_inspect_compares_task_vectors_per_layer_and_whole_model(tmp_path):
     assert summary["dtypes"] == {"float32": sum(base[k].numel() for k in merged), "int64": 5}
 
 
-def test_inspect_tables_without_base(tmp_path):
+def test_inspect_tables_without_base(tmp_path, capsys):
     base, _ = toy_models(1)
     save_hf_folder(tmp_path / "base", base)
-    res = run_cli("inspect", tmp_path / "base", "--shapes")
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
+    assert main(["inspect", str(tmp_path / "base"), "--shapes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(
         f"{tmp_path / 'base' / 'model.safetensors'}: 5 tensors, 169 parameters, 696 bytes "
     )
     assert "  conv1.weight  (4, 3, 2, 2)  float32" in lines
-    res = run_cli("inspect", tmp_path / "base", "--plot", tmp_path / "x.png")
-    assert (res.returncode, res.stderr) == (
-        2,
-        "error: --plot draws the task vectors' cosine matrix, so it needs --base\n",
+    assert main(["inspect", str(tmp_path / "base"), "--plot", str(tmp_path / "x.png")]) == 2
+    assert (
+        capsys.readouterr().err == "error: --plot draws the task vectors' cosine matrix, so it needs --base\n"
     )

@@ -11,6 +11,7 @@ import yaml
 import weightweaving
 from tests.helpers import run_cli
 from tests.llm import fine_tune, llama, transformers
+from weightweaving.cli import main
 from weightweaving.errors import CheckpointError, OptionError
 
 peft = pytest.importorskip("peft")
@@ -169,12 +170,21 @@ def test_unsupported_adapters_are_refused_in_one_line(tmp_path, base, change, me
     assert str(err.value) == f"{path}: {message}"
 
 
-def test_an_adapter_needs_a_base(tmp_path, base):
+def test_an_adapter_needs_a_base(tmp_path, base, capsys):
     _adapter(tmp_path, "ad", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
-    res = run_cli("merge", "--base", tmp_path / "ad", "--models", tmp_path / "ad", "--out", tmp_path / "o")
-    assert res.returncode == 2
+    args = [
+        "merge",
+        "--base",
+        str(tmp_path / "ad"),
+        "--models",
+        str(tmp_path / "ad"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    capsys.readouterr()  # transformers' loading bars
+    assert main(args) == 2
     assert (
-        res.stderr
+        capsys.readouterr().err
         == f"error: {tmp_path / 'ad'}: is a LoRA adapter; it can only be merged on top of a base (--base)\n"
     )
 

@@ -11,6 +11,7 @@ import weightweaving
 from tests.helpers import run_cli, save_hf_folder, toy_models
 from weightweaving.checkpoints import OutputEntry, SafetensorsWriter
 from weightweaving.checkpoints.manifest import MANIFEST, verify
+from weightweaving.cli import main
 
 
 def _merged(tmp_path, **kwargs):
@@ -45,19 +46,18 @@ def test_writes_out_of_order_are_hashed_at_commit(tmp_path):
     assert entry["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_verify_names_each_file_that_differs_is_missing_or_was_added(tmp_path):
+def test_verify_names_each_file_that_differs_is_missing_or_was_added(tmp_path, capsys):
     out = _merged(tmp_path)
-    res = run_cli("verify", out)
-    assert (res.returncode, res.stdout) == (0, f"ok: {out}: every file matches its manifest\n")
+    assert main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out == f"ok: {out}: every file matches its manifest\n"
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01  # same size, one bit of one tensor: safetensors still opens it
     weights.write_bytes(bytes(data))
     (out / "config.json").unlink()
     (out / "notes.txt").write_text("added later")
-    res = run_cli("verify", out)
-    assert res.returncode == 1
-    assert res.stdout.splitlines() == [
+    assert main(["verify", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
         f"{out / 'config.json'}: missing",
         f"{weights}: content differs (SHA-256 mismatch)",
         f"{out / 'notes.txt'}: not in the manifest (added after writing)",
