@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import weightweaving
 from tests.helpers import run_cli
@@ -149,8 +150,20 @@ def test_out_lora_low_rank_reports_the_energy_kept(tmp_path, base):
         kept, total = kept + float(s[:3].sum()), total + float(s.sum())
     assert record["out_lora"]["energy_kept"] == pytest.approx(kept / total, rel=1e-4)
     assert record["left_out"]["not a weight matrix (--out-lora)"]  # the norms' changes cannot be LoRA
+    # PEFT applies exactly the low-rank updates written, to every matrix (the embedding included)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    peft.PeftModel.from_pretrained(model, out)  # loads
+    applied = peft.PeftModel.from_pretrained(model, out).merge_and_unload().state_dict()
+    for name, value in base.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        if value.dim() != 2:
+            assert torch.equal(applied[name], value), name
+        elif "embed_tokens" in name:
+            update = adapter[module + ".lora_embedding_B"] @ adapter[module + ".lora_embedding_A"]
+            assert torch.allclose(applied[name], value + update.T, atol=1e-6), name
+        else:
+            update = adapter[module + ".lora_B.weight"] @ adapter[module + ".lora_A.weight"]
+            assert torch.allclose(applied[name], value + update, atol=1e-6), name
 
 
 @pytest.mark.parametrize(
@@ -207,8 +220,6 @@ def test_out_lora_option_errors(options, message):
 
 
 def test_out_lora_of_a_weave_reproduces_the_woven_updates(tmp_path):
-    from safetensors.torch import load_file
-
     gen = torch.Generator().manual_seed(0)
     base = {"a.weight": torch.randn(6, 4, generator=gen), "b.weight": torch.randn(3, 5, generator=gen)}
     tuned = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
