@@ -258,9 +258,14 @@ def run_job(
             raise OptionError("--out-lora writes one adapter file; --shard-size does not apply")
     if out is not None:
         check_output(out, [pretrained, *finetuned], overwrite)
+    clip_rule = _clip_default(pretrained, engine)
+    if clip_rule:
+        engine = {**engine, "include": clip_rule}
     job = open_job(pretrained, finetuned, **engine)
     try:
         unit_fn = prepare(job.runner)
+        if clip_rule:
+            record = {**record, "clip": _clip_provenance(job.runner.plan)}
         record = {
             **record,
             "pretrained": job.sources[0],
@@ -283,6 +288,28 @@ def run_job(
         return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
     finally:
         job.close()
+
+
+def _clip_default(pretrained: Source, engine: dict[str, Any]) -> list[str] | None:
+    """A CLIPModel base merges its image encoder only unless --include/--exclude say otherwise."""
+    if engine.get("include") or engine.get("exclude"):
+        return None
+    from .models.clip import default_include  # reads config.json only; no transformers import
+
+    rule = default_include(pretrained)
+    if rule:
+        log.info("CLIP base: merging the image encoder only (%s); the text side is kept from the base", rule)
+    return rule
+
+
+def _clip_provenance(plan: Any) -> dict[str, Any]:
+    kept = [u.name for u in plan.units if not u.merge]
+    log.info("CLIP: %d parameters merged, %d kept from the base", len(plan.units) - len(kept), len(kept))
+    return {
+        "merged": "the image encoder (vision_model.*, visual_projection.*); pass --include to choose",
+        "merged_count": len(plan.units) - len(kept),
+        "kept_from_base": kept,
+    }
 
 
 def merge(

@@ -197,7 +197,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _common(c)
+    e = sub.add_parser(
+        "evaluate",
+        help="accuracy of a CLIP model's image encoder with zero-shot heads, per task",
+        description="Evaluate a CLIP checkpoint (CLIPModel folder; or a CLIPVisionModel folder or an "
+        "open_clip state dict with --base) with frozen zero-shot heads built from its text encoder.",
+        epilog="examples:\n  weightweaving evaluate --model merged/ --task EuroSAT=data/eurosat/test "
+        "--task MNIST=data/mnist --json acc.json\n  weightweaving evaluate --model ft/ --base clip-vit-b32/ "
+        "--task mine=labels.csv --classes classes.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--model", required=True, help="a CLIP folder or state dict to evaluate")
+    _clip_task_flags(e)
+    e.add_argument("--json", dest="json_out", metavar="OUT", help="also write the accuracies as JSON")
+    _common(e)
     return parser
+
+
+def _clip_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base", help="the base CLIPModel folder giving the text side (and the tokenizer, processor)"
+    )
+    p.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        required=True,
+        metavar="NAME=DATA",
+        help="a task: an image folder (a sub-folder per class), a CSV of path,label, or MNIST raw files; "
+        "a paper dataset NAME (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) brings its "
+        "class names and templates (repeatable)",
+    )
+    p.add_argument(
+        "--classes", action="append", default=[], metavar="[NAME=]FILE", help="class names, one a line"
+    )
+    p.add_argument(
+        "--templates",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="prompt templates with {}, one a line",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default: 128)")
+    p.add_argument(
+        "--cache-dir", help="cache zero-shot heads here (safetensors, keyed by model, classes, templates)"
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -334,6 +379,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verify(args)
         elif args.command == "inspect":
             run_inspect(args)
+        elif args.command == "evaluate":
+            from .models.evaluate import run_evaluate
+
+            run_evaluate(
+                model=args.model,
+                tasks=args.tasks,
+                base=args.base,
+                classes=args.classes,
+                templates=args.templates,
+                device=args.device,
+                batch_size=args.batch_size,
+                cache_dir=args.cache_dir,
+                json_out=args.json_out,
+            )
         return 0
     except WeightWeavingError as exc:
         if args.debug:
