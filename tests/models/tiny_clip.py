@@ -71,15 +71,34 @@ def tiny_clip_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def image_folder(root: Path, per_class: int = 6, seed: int = 0, size: int = 40) -> Path:
-    """One sub-folder per colour; each image a coloured square on a grey field, at a random place."""
+def image_folder(root: Path, per_class: int = 6, seed: int = 0, size: int = 40, kind: str = "colour") -> Path:
+    """Tiny labelled images on a grey field, one sub-folder per class.
+
+    kind ``colour``: a red, green or blue square at a random place; ``place``: a white square in the
+    left or right half; ``shape``: a yellow square or a yellow cross.
+    """
     gen = torch.Generator().manual_seed(seed)
-    for name, colour in COLOURS.items():
+
+    def rand(n: int) -> int:
+        return int(torch.randint(0, max(1, n), (1,), generator=gen))
+
+    classes = {"colour": list(COLOURS), "place": ["left", "right"], "shape": ["cross", "square"]}[kind]
+    for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             img = Image.new("RGB", (size, size), (128, 128, 128))
-            x, y = (int(v) for v in torch.randint(0, size // 2, (2,), generator=gen))
-            side = size // 3 + int(torch.randint(0, size // 4, (1,), generator=gen))
-            img.paste(colour, (x, y, x + side, y + side))
+            side = size // 3 + rand(size // 6)
+            x, y = rand(size - side), rand(size - side)
+            if kind == "colour":
+                img.paste(COLOURS[name], (x, y, x + side, y + side))
+            elif kind == "place":
+                x = rand(size // 2 - side) + (size // 2 if name == "right" else 0)
+                img.paste((255, 255, 255), (x, y, x + side, y + side))
+            elif name == "square":
+                img.paste((240, 220, 0), (x, y, x + side, y + side))
+            else:
+                bar = max(2, side // 4)
+                img.paste((240, 220, 0), (x, y + (side - bar) // 2, x + side, y + (side + bar) // 2))
+                img.paste((240, 220, 0), (x + (side - bar) // 2, y, x + (side + bar) // 2, y + side))
             img.save(root / name / f"{i}.png")
     return root

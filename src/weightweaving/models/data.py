@@ -183,13 +183,55 @@ def _from_mnist(root: Path, images: Path, labels: Path, classes: Sequence[str] |
     return ImageSet(classes, [(i, int(t)) for i, t in enumerate(targets)], str(root), pixels)
 
 
+@dataclass
+class _Failure:
+    """A user's error met in a loader process, carried back as a value so it stays one line."""
+
+    message: str
+
+
+class _Batches(torch.utils.data.Dataset[Any]):
+    """Batch ``b`` of ``order``: its images read and preprocessed (a unit a loader worker can do)."""
+
+    def __init__(self, data: ImageSet, processor: Any, chunks: list[list[int]]) -> None:
+        self.data, self.processor, self.chunks = data, processor, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, b: int) -> tuple[Tensor, Tensor] | _Failure:
+        chunk = self.chunks[b]
+        try:
+            images = [self.data.image(i) for i in chunk]
+        except WeightWeavingError as exc:
+            return _Failure(str(exc))
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels, torch.tensor([self.data.items[i][1] for i in chunk], dtype=torch.long)
+
+
 def batches(
-    data: ImageSet, processor: Any, batch_size: int, indices: Sequence[int] | None = None
+    data: ImageSet,
+    processor: Any,
+    batch_size: int,
+    indices: Sequence[int] | None = None,
+    *,
+    workers: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(pixel_values, labels) for consecutive batches, preprocessed by the model's own image processor."""
+    """(pixel_values, labels) for consecutive batches, preprocessed by the model's own image processor.
+
+    ``workers`` > 0 reads and preprocesses in that many loader processes (a few batches ahead).
+    """
     order = list(range(len(data))) if indices is None else list(indices)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        images = [data.image(i) for i in chunk]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        yield pixels, torch.tensor([data.items[i][1] for i in chunk], dtype=torch.long)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    dataset = _Batches(data, processor, chunks)
+    loader: Any = (
+        (dataset[b] for b in range(len(dataset)))
+        if workers <= 0
+        else torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2
+        )
+    )
+    for batch in loader:
+        if isinstance(batch, _Failure):
+            raise WeightWeavingError(batch.message)
+        yield batch

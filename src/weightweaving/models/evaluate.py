@@ -102,24 +102,39 @@ def device_of(clip: Clip) -> torch.device:
 
 @torch.no_grad()
 def image_features(
-    clip: Clip, data: ImageSet, *, batch_size: int = 128, progress: bool = False, desc: str = "images"
+    clip: Clip,
+    data: ImageSet,
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "images",
+    workers: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalised image features (on the CPU, float32) and labels, batch by batch."""
     device = device_of(clip)
     dtype = next(clip.model.parameters()).dtype
     with tqdm(total=len(data), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for pixels, labels in batches(data, clip.processor, batch_size):
+        for pixels, labels in batches(data, clip.processor, batch_size, workers=workers):
             features = pooled(clip.model.get_image_features(pixel_values=pixels.to(device, dtype))).float()
             yield (features / features.norm(dim=-1, keepdim=True)).cpu(), labels
             bar.update(len(labels))
 
 
 def accuracy(
-    clip: Clip, head: Tensor, data: ImageSet, *, batch_size: int = 128, progress: bool = False, desc: str = ""
+    clip: Clip,
+    head: Tensor,
+    data: ImageSet,
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "",
+    workers: int = 0,
 ) -> float:
     """Percent of ``data`` whose argmax over ``features @ head.T`` is its label."""
     correct = 0
-    for features, labels in image_features(clip, data, batch_size=batch_size, progress=progress, desc=desc):
+    for features, labels in image_features(
+        clip, data, batch_size=batch_size, progress=progress, desc=desc, workers=workers
+    ):
         correct += int(((features @ head.T).argmax(dim=1) == labels).sum())
     return 100.0 * correct / len(data)
 
@@ -142,11 +157,20 @@ def evaluate_clip(
     batch_size: int = 128,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    workers: int = 0,
 ) -> dict[str, float]:
     """Accuracy (percent) per task, with each task's zero-shot head (built, or read from the cache)."""
     heads = heads if heads is not None else task_heads(clip, tasks, cache_dir)
     return {
-        t.name: accuracy(clip, heads[t.name], t.data, batch_size=batch_size, progress=progress, desc=t.name)
+        t.name: accuracy(
+            clip,
+            heads[t.name],
+            t.data,
+            batch_size=batch_size,
+            progress=progress,
+            desc=t.name,
+            workers=workers,
+        )
         for t in tasks
     }
 
@@ -181,6 +205,7 @@ def run_evaluate(
     batch_size: int = 128,
     cache_dir: str | None = None,
     json_out: str | None = None,
+    workers: int = 0,
     progress: bool | None = None,
 ) -> dict[str, object]:
     """``weightweaving evaluate``: load, build heads, score every task, print the table, write the JSON."""
@@ -190,8 +215,10 @@ def run_evaluate(
         raise OptionError("--batch-size must be at least 1")
     show = sys.stderr.isatty() if progress is None else progress
     parsed = parse_tasks(tasks, classes, templates)
-    clip = load_clip(model, base=base, device=_device(device))
-    scores = evaluate_clip(clip, parsed, batch_size=batch_size, cache_dir=cache_dir, progress=show)
+    clip = load_clip(model, base=base, device=check_device(device))
+    scores = evaluate_clip(
+        clip, parsed, batch_size=batch_size, cache_dir=cache_dir, progress=show, workers=workers
+    )
     result: dict[str, object] = {
         "model": str(model),
         "base": base,
@@ -205,7 +232,7 @@ def run_evaluate(
     return result
 
 
-def _device(name: str) -> str:
+def check_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"--device {name}: CUDA is not available on this machine")
     try:
