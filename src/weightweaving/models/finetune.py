@@ -167,7 +167,7 @@ def run_finetune(
     clip = load_clip(model, base=base, device=check_device(device))
     head = task_heads(clip, [parsed], cache_dir)[parsed.name]
     losses = finetune_clip(clip, parsed, head, recipe, progress=show, workers=workers)
-    record = {
+    record: dict[str, object] = {
         "operation": "finetune",
         "model": str(model),
         "base": base,
