@@ -234,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seeds the batch order (default: 0)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _common(f)
+
+    r = sub.add_parser(
+        "reproduce",
+        help="the paper's three setups over your CLIP checkpoints (Tables 1-3, plots, results.json)",
+        description="Score every method at its tuned λ (privileged), at λ = 1 and with Weight Weaving on real "
+        "CLIP fine-tunes, in the multi-task, domain-generalisation and continual setups. A stopped run "
+        "continues where it was.",
+        epilog="config (YAML; relative paths from its folder):\n  base: clip-vit-b32/\n  tasks:\n"
+        "    EuroSAT: {data: data/eurosat/test, checkpoint: ft/eurosat}\n"
+        "    MNIST: {data: data/mnist, checkpoint: ft/mnist}\n"
+        "  continual: [{name: split3, data: data/c/test, checkpoints: [seq/1, seq/2, seq/3]}]\n"
+        "  methods: [task_arithmetic, ties, tsv]\n  out: runs/reproduce",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("config", help="the YAML config")
+    r.add_argument("--out", help="the run folder (overrides the config's)")
+    r.add_argument("--device", help="cpu or cuda (overrides the config's)")
+    _common(r)
     return parser
 
 
@@ -432,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 workers=args.workers,
             )
+        elif args.command == "reproduce":
+            from .models.reproduce import run_reproduce
+
+            run_reproduce(args.config, out=args.out, device=args.device)
         elif args.command == "evaluate":
             from .models.evaluate import run_evaluate
 

@@ -33,11 +33,8 @@ def pooled(output: object) -> Tensor:
 
 @torch.no_grad()
 def build_head(clip: Clip, classes: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """The (classes, embed) zero-shot head, on the CPU in float32.
-
-    Example:
-        >>> head = build_head(clip, ["cat", "dog"], ["a photo of a {}."])  # doctest: +SKIP
-    """
+    """The (classes, embed) zero-shot head, on the CPU in float32 (``tests/models/test_evaluate.py``
+    checks it against a computation with transformers alone)."""
     if clip.tokenizer is None:
         raise WeightWeavingError(
             "has no tokenizer to build zero-shot heads with", path=clip.base or clip.source

@@ -9,9 +9,11 @@ vectors, score all classes with one head). The setup's accuracy at λ is the uni
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import mean
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,12 +24,16 @@ from .merging import merge_family, paper_grid, weave
 from .zoo import StateDict, Zoo
 
 Scores = dict[str, float]
+#: ``points(key, compute)``: the scores of one point, from a store of earlier results or by ``compute()``
+Points = Callable[[str, Callable[[], Scores]], Scores]
 SETUPS = ("multitask", "continual", "domain")
 
 
 @dataclass
 class Problem:
-    finetuned: list[StateDict]
+    """Models to merge and the evaluation of a merged encoder; any model family (see ``score_problems``)."""
+
+    finetuned: Sequence[Any]  # state dicts, or checkpoint paths the merge reads lazily
     evaluate: Callable[[StateDict], Scores]
 
 
@@ -67,7 +73,7 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
         own = {
             t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name]) for t in zoo.tasks
         }
-        out = {"zero_shot": _entry(zero), "individual": _entry(own)}
+        out = {"zero_shot": entry(zero), "individual": entry(own)}
         if setup == "domain":
             out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
         return out
@@ -79,13 +85,13 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
         zero[key] = zero_acc
         own[key] = _routed_accuracy(zoo, run.individual, run.class_groups)
         seq[key] = train.accuracy(cfg, run.sequential[-1], test, head)
-    individual = _entry(own)
+    individual = entry(own)
     individual["note"] = (
         "task-aware: each task's individual model on its own classes' test images and head rows"
     )
-    sequential = _entry(seq)
+    sequential = entry(seq)
     sequential["note"] = "the last model of sequential fine-tuning (no merging)"
-    return {"zero_shot": _entry(zero), "individual": individual, "sequential_finetuning": sequential}
+    return {"zero_shot": entry(zero), "individual": individual, "sequential_finetuning": sequential}
 
 
 def _routed_accuracy(zoo: Zoo, models: list[StateDict], groups: list[list[int]]) -> float:
@@ -100,37 +106,80 @@ def _routed_accuracy(zoo: Zoo, models: list[StateDict], groups: list[list[int]])
     return 100.0 * correct / len(test)
 
 
-def _entry(per_task: Scores) -> dict[str, object]:
+def entry(per_task: Scores) -> dict[str, object]:
     return {"per_task": dict(per_task), "average": mean(per_task.values())}
 
 
 def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
+    return score_problems(zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride)
+
+
+def score_problems(
+    pretrained: StateDict,
+    found: list[Problem],
+    seed: int,
+    setup: str,
+    method: str,
+    pools: Sequence[str],
+    stride: int,
+    points: Points | None = None,
+) -> dict[str, object]:
+    """The model-agnostic part of :func:`score_method`: any encoder family's problems, scored alike.
+
+    ``pretrained`` is the encoder's state dict and each problem's ``finetuned`` are state dicts or
+    checkpoint paths (read lazily by the merge). ``points(key, compute)`` may answer a point from a
+    store of earlier results (a resumed run); a problem's merges are made only when a point needs them.
+    """
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
     sweep: dict[float, Scores] = {lam: {} for lam in grid}
     woven: dict[str, Scores] = {pool: {} for pool in pools}
-    for problem in problems(zoo, setup):
-        family = merge_family(zoo.pretrained, problem.finetuned, method, zoo.seed)
+    point = points or (lambda key, compute: compute())
+    for index, problem in enumerate(found):
+        family = _LazyFamily(pretrained, problem, method, seed)
         for lam in grid:
-            sweep[lam].update(problem.evaluate(family(lam)))
+            key = f"{setup}/{method}/{index}/lam={lam}"
+            sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
         for pool in pools:
-            merged = weave(zoo.pretrained, problem.finetuned, method, weave_grid, pool, zoo.seed, family)
-            woven[pool].update(problem.evaluate(merged))
+            key = f"{setup}/{method}/{index}/weave={pool}"
+            woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pool)))
     averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
     best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
-    tuned = _entry(sweep[best])
+    tuned = entry(sweep[best])
     tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
     names = list(sweep[grid[0]])
     return {
         "tuned": tuned,
-        "data_free": _entry(sweep[1.0]),
-        "weave": _entry(woven["mean"]),
-        "weave_pools": {pool: _entry(scores) for pool, scores in woven.items()},
+        "data_free": entry(sweep[1.0]),
+        "weave": entry(woven["mean"]),
+        "weave_pools": {pool: entry(scores) for pool, scores in woven.items()},
         "sweep": {"lambdas": grid, "per_task": {n: [sweep[lam][n] for lam in grid] for n in names}},
         "best_lam_per_task": {n: _argmax(grid, [sweep[lam][n] for lam in grid]) for n in names},
         "weave_lambdas": weave_grid,
     }
+
+
+class _LazyFamily:
+    """A problem's merges, made on the first point that needs them (a resumed run may need none)."""
+
+    def __init__(self, pretrained: StateDict, problem: Problem, method: str, seed: int) -> None:
+        self.pretrained, self.problem, self.method, self.seed = pretrained, problem, method, seed
+        self.family: Callable[[float], StateDict] | None = None
+
+    def at(self, lam: float) -> StateDict:
+        if self.family is None:
+            self.family = merge_family(self.pretrained, self.problem.finetuned, self.method, self.seed)
+        return self.family(lam)
+
+    def evaluate_at(self, lam: float) -> Scores:
+        return self.problem.evaluate(self.at(lam))
+
+    def evaluate_woven(self, lambdas: list[float], pool: str) -> Scores:
+        merged = weave(
+            self.pretrained, self.problem.finetuned, self.method, lambdas, pool, self.seed, self.family
+        )
+        return self.problem.evaluate(merged)
 
 
 def _argmax(grid: list[float], values: list[float]) -> float:

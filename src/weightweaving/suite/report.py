@@ -87,6 +87,8 @@ def verdicts(results: Results, diagnostics: Results) -> list[tuple[str, bool, st
             )
         )
     for setup in ("continual", "domain"):
+        if setup not in results:  # a reproduce run may leave a setup out
+            continue
         methods = methods_of(results, setup)
         if not methods:
             continue
@@ -156,12 +158,18 @@ def _encoder_line(meta: Results) -> str:
 
 def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
     setups = [s for s in ("multitask", "continual", "domain") if s in results]
+    # a reproduce run (real CLIP, models.reproduce) brings its own title and model description
     lines = [
-        f"# weightweaving suite — profile `{meta['profile']}`, seed {meta['seed']}",
+        meta.get("title") or f"# weightweaving suite — profile `{meta['profile']}`, seed {meta['seed']}",
         "",
-        _encoder_line(meta),
-        "frozen per-task class-prototype heads stand in for CLIP's zero-shot heads. Accuracies in percent",
-        "on held-out test images.",
+        *(
+            meta.get("model_lines")
+            or [
+                _encoder_line(meta),
+                "frozen per-task class-prototype heads stand in for CLIP's zero-shot heads. Accuracies in percent",
+                "on held-out test images.",
+            ]
+        ),
         "**Tuned λ** is chosen on the evaluation data itself (privileged, as the paper's Table 1);",
         "**λ = 1** and **Weight Weaving** (mean pool over A* = Δ ∪ A, the paper's λ ranges) use no data.",
         _seed_line(meta),

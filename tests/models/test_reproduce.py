@@ -1,0 +1,124 @@
+"""``reproduce`` end to end on tiny CLIP fine-tunes made with ``finetune``; resume; agreement with merge + evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.models.tiny_clip import image_folder
+from weightweaving.cli import main
+
+FT = ["--steps", "6", "--warmup", "1", "--lr", "3e-3", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def run(clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reproduce")
+    paths: dict[str, Path] = {"root": root}
+    for kind in ("colour", "shape"):
+        image_folder(root / f"{kind}-train", per_class=3, seed=5, kind=kind)
+        paths[kind] = image_folder(root / f"{kind}-test", per_class=3, seed=6, kind=kind)
+        task = f"{kind}={root / f'{kind}-train'}"
+        assert (
+            main(
+                ["finetune", "--model", str(clip_dir), "--task", task, *FT, "--out", str(root / f"ft-{kind}")]
+            )
+            == 0
+        )
+    # continual: the colour fine-tune, then fine-tuned further on shapes (sequential, in order)
+    task = f"shape={root / 'shape-train'}"
+    assert (
+        main(
+            ["finetune", "--model", str(root / "ft-colour"), "--task", task, *FT, "--out", str(root / "seq2")]
+        )
+        == 0
+    )
+    config = {
+        "base": str(clip_dir),
+        "tasks": {
+            "colour": {"data": "colour-test", "checkpoint": "ft-colour"},
+            "shape": {"data": "shape-test", "checkpoint": "ft-shape"},
+        },
+        "continual": [{"name": "colours2", "data": "colour-test", "checkpoints": ["ft-colour", "seq2"]}],
+        "methods": ["task_arithmetic", "ties"],
+        "grid_stride": 4,
+        "batch_size": 16,
+        "out": "run",
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["reproduce", str(root / "config.yaml")]) == 0
+    paths["out"] = root / "run"
+    return paths
+
+
+def test_results_have_the_suite_keys_and_report(run):
+    results = json.loads((run["out"] / "results.json").read_text())
+    for setup in ("multitask", "domain", "continual"):
+        for method in ("task_arithmetic", "ties"):
+            for variant in ("tuned", "data_free", "weave"):
+                assert 0 <= results[setup][method][variant]["average"] <= 100
+        assert set(results[setup]["zero_shot"]["per_task"]) == set(results[setup]["individual"]["per_task"])
+    assert "privileged" in results["multitask"]["ties"]["tuned"]["note"]
+    report = (run["out"] / "report.md").read_text()
+    assert report.startswith("# weightweaving reproduce") and "## Table 2" in report
+    assert (run["out"] / "sweeps.png").is_file()
+
+
+def test_baselines_and_lambda_one_match_evaluate_and_merge(run, clip_dir, capsys):
+    results = json.loads((run["out"] / "results.json").read_text())
+    tasks = ["--task", f"colour={run['colour']}", "--task", f"shape={run['shape']}"]
+    root = run["root"]
+    merged = root / "merged-ta"
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(clip_dir),
+                "--models",
+                str(root / "ft-colour"),
+                str(root / "ft-shape"),
+                "--method",
+                "task_arithmetic",
+                "--lambda",
+                "1.0",
+                "--out",
+                str(merged),
+            ]
+        )
+        == 0
+    )
+    for model, variant in ((clip_dir, "zero_shot"), (root / "ft-colour", None), (merged, "ta")):
+        out = root / f"eval-{model.name}.json"
+        assert main(["evaluate", "--model", str(model), *tasks, "--json", str(out)]) == 0
+        scores = json.loads(out.read_text())["per_task"]
+        if variant == "zero_shot":
+            assert scores == results["multitask"]["zero_shot"]["per_task"]
+        elif variant == "ta":
+            assert scores == results["multitask"]["task_arithmetic"]["data_free"]["per_task"]
+        else:
+            assert scores["colour"] == results["multitask"]["individual"]["per_task"]["colour"]
+
+
+def test_a_second_run_continues_from_the_points_on_disk(run, capsys):
+    before = json.loads((run["out"] / "results.json").read_text())
+    store = next(run["out"].glob("points-*.jsonl"))
+    lines = store.read_text().splitlines()
+    store.write_text("\n".join(lines[:-1]) + '\n{"key": "cut sho')  # as if stopped while writing the last
+    capsys.readouterr()
+    assert main(["reproduce", str(run["root"] / "config.yaml")]) == 0
+    assert "(1 points computed, " in capsys.readouterr().out
+    after = json.loads((run["out"] / "results.json").read_text())
+    assert {k: v for k, v in after.items() if k != "meta"} == {k: v for k, v in before.items() if k != "meta"}
+
+
+def test_bad_config_is_one_line_error(run, capsys):
+    bad = run["root"] / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"base": "x", "tasks": {"a": {"data": "d", "checkpoint": "c"}}, "methods": ["nope"]})
+    )
+    assert main(["reproduce", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: tasks: give at least two tasks"
