@@ -67,3 +67,14 @@ def test_built_in_lists_and_user_files(tmp_path):
     with pytest.raises(WeightWeavingError) as info:
         read_lines(bad, "templates")
     assert str(info.value) == f"{bad}: template 'no placeholder' has no '{{}}' for the class name"
+
+
+def test_svhn_mat_file(tmp_path):
+    scipy_io = __import__("scipy.io", fromlist=["savemat"])  # scipy comes with the suite extra
+    pixels = torch.randint(
+        0, 256, (32, 32, 3, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    scipy_io.savemat(str(tmp_path / "test_32x32.mat"), {"X": pixels.numpy(), "y": [[10], [1], [9], [10]]})
+    data = open_images(tmp_path)
+    assert data.labels().tolist() == [0, 1, 9, 0]
+    assert data.image(2).getpixel((4, 3)) == tuple(int(v) for v in pixels[3, 4, :, 2])

@@ -5,7 +5,8 @@
   extracted); labels follow the sorted folder names, or the given class list when the folder
   names are its class names;
 * a CSV file of ``path,label`` (paths relative to the CSV; the label a class name or an index);
-* torchvision's MNIST raw files (``MNIST/raw/t10k-images-idx3-ubyte[.gz]`` and the labels file).
+* torchvision's MNIST raw files (``MNIST/raw/t10k-images-idx3-ubyte[.gz]`` and the labels file);
+* torchvision's SVHN file ``test_32x32.mat`` (read with scipy, when it is installed).
 
 Images are opened one batch at a time; nothing holds a whole dataset in memory (MNIST's raw file
 is the exception: 8 MB for the test split).
@@ -36,7 +37,7 @@ class ImageSet:
     classes: list[str]
     items: list[tuple[Any, int]]
     source: str
-    arrays: Tensor | None = None  # (N, H, W) uint8 for raw formats
+    arrays: Tensor | None = None  # (N, H, W) or (N, H, W, 3) uint8 for raw formats
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,6 +83,9 @@ def open_images(data: str | Path, classes: Sequence[str] | None = None) -> Image
     mnist = _mnist_files(path)
     if mnist is not None:
         return _from_mnist(path, *mnist, classes)
+    for svhn in (path / "test_32x32.mat", path / "svhn" / "test_32x32.mat"):
+        if svhn.is_file():
+            return _from_svhn(svhn, classes)
     return _from_folder(path, classes)
 
 
@@ -207,6 +211,26 @@ class _Batches(torch.utils.data.Dataset[Any]):
             return _Failure(str(exc))
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels, torch.tensor([self.data.items[i][1] for i in chunk], dtype=torch.long)
+
+
+def _from_svhn(path: Path, classes: Sequence[str] | None) -> ImageSet:
+    """torchvision's SVHN: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with 10 standing for the digit 0."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise WeightWeavingError(
+            "reading SVHN's .mat files needs scipy (pip install scipy)", path=path
+        ) from None
+    try:
+        mat = loadmat(str(path), variable_names=["X", "y"])
+        pixels = torch.from_numpy(mat["X"]).permute(3, 0, 1, 2).contiguous()  # (N, 32, 32, 3)
+        targets = torch.from_numpy(mat["y"].astype("int64")).flatten().remainder(10)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise WeightWeavingError(f"is not torchvision's SVHN file: {exc}", path=path) from None
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or len(pixels) != len(targets):
+        raise WeightWeavingError("is not torchvision's SVHN file (X, y of other shapes)", path=path)
+    classes = list(classes) if classes is not None else [str(d) for d in range(10)]
+    return ImageSet(classes, [(i, int(t)) for i, t in enumerate(targets)], str(path), pixels)
 
 
 def batches(
