@@ -78,3 +78,23 @@ def test_svhn_mat_file(tmp_path):
     data = open_images(tmp_path)
     assert data.labels().tolist() == [0, 1, 9, 0]
     assert data.image(2).getpixel((4, 3)) == tuple(int(v) for v in pixels[3, 4, :, 2])
+
+
+def test_images_are_read_one_batch_at_a_time(tmp_path):
+    from weightweaving.models.data import ImageSet, batches
+
+    for i in range(10):
+        _png(tmp_path / "c" / f"{i}.png", i)
+    opened: list[int] = []
+
+    class Counting(ImageSet):
+        def image(self, i):
+            opened.append(i)
+            return super().image(i)
+
+    base = open_images(tmp_path)
+    data = Counting(base.classes, base.items, base.source)
+    stream = batches(data, lambda images, return_tensors: {"pixel_values": torch.zeros(len(images), 3)}, 4)
+    pixels, labels = next(stream)
+    assert len(opened) == 4 and pixels.shape == (4, 3) and labels.tolist() == [0, 0, 0, 0]
+    assert [len(p) for p, _ in stream] == [4, 2] and len(opened) == 10
