@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import signals as _signals  # noqa: F401  first: a CLI run's Ctrl-C while torch imports is one line
 from .api import merge
 from .checkpoints import open_checkpoint
 from .errors import WeightWeavingError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,8 +21,10 @@ from .checkpoints import OutputEntry, SafetensorsWriter, open_checkpoint
 from .checkpoints.base import Checkpoint
 from .checkpoints.llm import fit_to_base, read_config
 from .checkpoints.open import WEIGHT_FILES, Source
+from .checkpoints.writer import output_lock, output_path
 from .engine import Executor, LocalExecutor, Runner, make_plan
 from .engine.plan import align_keys
+from .engine.resources import check_resources
 from .errors import OptionError, WeightWeavingError
 from .methods import Hyperparameters, Method, Scope, UnitContext, get_method
 
@@ -149,10 +152,16 @@ def parse_size(value: str | int | None) -> int | None:
 
 def check_output(out: str | os.PathLike[str], sources: Sequence[Source], overwrite: bool) -> Path:
     out_path = Path(out)
-    resolved = out_path.resolve()
+    resolved = _resolve(out_path)
+    if resolved is None:
+        raise WeightWeavingError(
+            "cannot resolve the output path: Too many levels of symbolic links", path=out_path
+        )
     for src in sources:
         if isinstance(src, (str, os.PathLike)):
-            src_path = Path(src).resolve()
+            src_path = _resolve(Path(src))
+            if src_path is None:
+                continue  # a link loop: opening it reports that, by name
             if src_path == resolved or resolved in src_path.parents:
                 raise WeightWeavingError(
                     "the output folder is one of the inputs; choose another --out", path=out_path
@@ -171,6 +180,14 @@ def check_output(out: str | os.PathLike[str], sources: Sequence[Source], overwri
             f"cannot create the output folder: '{ancestor}' is not writable", path=out_path
         )
     return out_path
+
+
+def _resolve(path: Path) -> Path | None:
+    """``path.resolve()``, or ``None`` for a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def versions() -> dict[str, str]:
@@ -201,6 +218,8 @@ def deliver(
     ) as writer:
         for name, tensor in results:
             writer.write(name, tensor)
+        for ckpt in [job.base, *job.models]:  # an input replaced while we read it: stop, keep nothing
+            ckpt.verify_unchanged()
         for extra in job.base.extra_files:
             writer.copy_file(extra)
         library = "transformers" if read_config(job.base) is not None else None
@@ -245,6 +264,7 @@ def run_job(
     shard_size: str | int | None,
     desc: str = "merging",
     out_lora: int | None = None,
+    resource_check: bool = True,
     **engine: Any,
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
@@ -261,33 +281,41 @@ def run_job(
     clip_rule = _clip_default(pretrained, engine)
     if clip_rule:
         engine = {**engine, "include": clip_rule}
-    job = open_job(pretrained, finetuned, **engine)
-    try:
-        unit_fn = prepare(job.runner)
-        if clip_rule:
-            record = {**record, "clip": _clip_provenance(job.runner.plan)}
-        record = {
-            **record,
-            "pretrained": job.sources[0],
-            "finetuned": job.sources[1:],
-            "seed": engine.get("seed", 0),
-            "include": list(engine.get("include") or []),
-            "exclude": list(engine.get("exclude") or []),
-            "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
-        }
-        if engine.get("vocab", "error") != "error":
-            record["vocab"] = engine["vocab"]
-        if out_lora is not None:
-            from .lora_out import deliver_lora
+    # a second run writing the same output stops now, not at the end (the writer holds it on)
+    with output_lock(output_path(out)) if out is not None else contextlib.nullcontext():
+        job = open_job(pretrained, finetuned, **engine)
+        try:
+            runner = job.runner
+            if resource_check:
+                workers = getattr(runner.executor, "workers", 1)
+                check_resources(
+                    runner.plan, len(job.models), runner.compute_dtype, workers, out, runner.device
+                )
+            unit_fn = prepare(runner)
+            if clip_rule:
+                record = {**record, "clip": _clip_provenance(runner.plan)}
+            record = {
+                **record,
+                "pretrained": job.sources[0],
+                "finetuned": job.sources[1:],
+                "seed": engine.get("seed", 0),
+                "include": list(engine.get("include") or []),
+                "exclude": list(engine.get("exclude") or []),
+                "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
+            }
+            if engine.get("vocab", "error") != "error":
+                record["vocab"] = engine["vocab"]
+            if out_lora is not None:
+                from .lora_out import deliver_lora
 
-            assert out is not None
-            return deliver_lora(
-                job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
-            )
-        stream = job.runner.run(unit_fn, desc=desc)
-        return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
-    finally:
-        job.close()
+                assert out is not None
+                return deliver_lora(
+                    job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
+                )
+            stream = runner.run(unit_fn, desc=desc)
+            return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
+        finally:
+            job.close()
 
 
 def _clip_default(pretrained: Source, engine: dict[str, Any]) -> list[str] | None:
@@ -335,6 +363,7 @@ def merge(
     extras: dict[str, Any] | None = None,
     vocab: str = "error",
     out_lora: int | None = None,
+    resource_check: bool = True,
     **hyperparameters: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge fine-tuned models into their pre-trained base with one method at one λ.
@@ -354,6 +383,7 @@ def merge(
             ``"base"`` merges the rows all models share and keeps the base's size.
         out_lora: write a PEFT LoRA adapter of this rank (truncated SVD of each merged update)
             instead of a full model; needs ``out``.
+        resource_check: refuse up front a merge whose output or peak memory cannot fit (default).
         **hyperparameters: the method's hyperparameters by their canonical names.
 
     Returns:
@@ -392,6 +422,7 @@ def merge(
         out=out,
         overwrite=overwrite,
         shard_size=shard_size,
+        resource_check=resource_check,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,

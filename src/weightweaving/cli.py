@@ -13,8 +13,11 @@ import yaml
 
 from . import __version__
 from .config import MergeOptions, load_yaml, option_flag, reserved_names, run_options, validate
+from .engine.resources import ADVICE
 from .errors import OptionError, WeightWeavingError
+from .files import problem
 from .inspection import add_inspect_parser, run_inspect
+from .signals import INTERRUPTED, interrupts_raise
 from .verify import add_verify_parser, run_verify
 
 MERGE_EPILOG = """examples:
@@ -44,6 +47,7 @@ FLAGS = {
     "out_lora": "out_lora",
 }
 SWITCHES = ("overwrite", "common_only", "allow_nonfinite")
+NEGATED = {"no_resource_check": "resource_check"}  # --no-X flags: store False in option X
 
 
 def _help(field: str) -> str:
@@ -117,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", default=None, help=_help("allow_nonfinite"))
     m.add_argument("--vocab", choices=["error", "base"], help=_help("vocab"))
     m.add_argument("--out-lora", type=_positive_int, metavar="RANK", help=_help("out_lora"))
+    m.add_argument(
+        "--no-resource-check",
+        action="store_true",
+        default=None,
+        help="do not refuse up front a merge whose output or peak memory looks too big for this machine",
+    )
     w = m.add_argument_group("Weight Weaving")
     w.add_argument("--weave", action="store_true", help="pool merges over a search space instead of one λ")
     w.add_argument(
@@ -304,6 +314,9 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
     for switch in SWITCHES:
         if getattr(args, switch):
             values[switch] = True
+    for flag, key in NEGATED.items():
+        if getattr(args, flag):
+            values[key] = False
     hyper = dict(values.get("hyperparameters") or {})
     for item in args.set:
         name, value = _parse_assignment(item, "--set")
@@ -397,6 +410,15 @@ def _run_suite(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with interrupts_raise():  # SIGINT and SIGTERM: KeyboardInterrupt, so the writer cleans up
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -475,12 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory; try --workers 1 or a smaller --compute-dtype", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a path problem no reader turned into its own message
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc.filename or 'a file'}: {problem(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:  # outside a merged tensor (which says its sizes); after the writer cleaned up
+        print(f"error: out of memory; {ADVICE}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import OptionError, WeightWeavingError
+from .files import read_small_file
+
+MAX_CONFIG = 16 * 1024 * 1024
 
 
 class WeaveOptions(BaseModel):
@@ -76,6 +80,9 @@ class MergeOptions(BaseModel):
     common_only: bool = Field(False, description="merge only the parameters every checkpoint has")
     allow_nonfinite: bool = Field(False, description="merge even if a checkpoint holds NaN or Inf")
     workers: int = Field(1, ge=1, description="threads (overlap reading with computing)")
+    resource_check: bool = Field(
+        True, description="refuse up front a merge whose output or peak memory cannot fit"
+    )
     weave: WeaveOptions | None = Field(None, description="Weight Weaving options (omit for a plain merge)")
     vocab: Literal["error", "base"] = Field(
         "error",
@@ -131,11 +138,11 @@ def validate(values: dict[str, Any], source: str) -> MergeOptions:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config safely (``yaml.safe_load``: no tags that construct objects)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WeightWeavingError("no such config file", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    if not os.path.lexists(path):
+        raise WeightWeavingError("no such config file", path=path)
+    try:  # a regular file of at most 16 MiB: never a FIFO, a device or /proc
+        text = read_small_file(path, MAX_CONFIG).decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise WeightWeavingError(f"cannot read the config: {exc}", path=path) from None
     try:
         data = yaml.safe_load(text)
@@ -178,6 +185,7 @@ def run_options(options: MergeOptions, *, progress: bool | None = None) -> Path:
         common_only=options.common_only,
         allow_nonfinite=options.allow_nonfinite,
         workers=options.workers,
+        resource_check=options.resource_check,
         progress=progress,
         vocab=options.vocab,
         out_lora=options.out_lora,

@@ -63,6 +63,9 @@ class Checkpoint:
     def close(self) -> None:
         """Release file handles (readers open them lazily)."""
 
+    def verify_unchanged(self) -> None:
+        """Raise if a file read since planning was replaced, changed or removed (before committing)."""
+
 
 class StateDictCheckpoint(Checkpoint):
     """An in-memory ``dict[str, Tensor]`` (the notebook case)."""
@@ -115,3 +118,6 @@ class RenamedCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.inner.close()
+
+    def verify_unchanged(self) -> None:
+        self.inner.verify_unchanged()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import check_regular, open_regular, os_error, pread_exact
 from .base import Checkpoint, StateDictCheckpoint
 from .lora import LoraCheckpoint, is_adapter_folder
 from .safetensors_file import SafetensorsFile
@@ -57,15 +59,14 @@ def open_checkpoint(
     if isinstance(source, Mapping):
         return StateDictCheckpoint(source, label or "<state dict>")
     path = Path(source)
-    if not path.exists():
-        raise CheckpointError("no such file or folder", path=path)
+    st = check_regular(path, folder_ok=True)  # before a byte is read: no devices, FIFOs, sockets
     if is_adapter_folder(path):
         if base is None:
             raise CheckpointError(
                 "is a LoRA adapter; it can only be merged on top of a base (--base)", path=path
             )
         return LoraCheckpoint(path, base)
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         return _open_folder(path)
     name = path.name
     if name.endswith(".index.json"):
@@ -79,17 +80,28 @@ def open_checkpoint(
     if name.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return TorchFile(path)
     # Unknown suffix: sniff the content.
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) >= 9 and head[8:9] == b"{":
+    fd, st = open_regular(path)
+    try:
+        head = pread_exact(fd, 9, 0, path) if st.st_size >= 9 else b""
+    finally:
+        os.close(fd)
+    if head[8:9] == b"{":
         return SafetensorsFile(path)
     return TorchFile(path)
 
 
 def _open_folder(folder: Path) -> Checkpoint:
+    try:
+        return _open_folder_files(folder)
+    except OSError as exc:  # a folder that cannot be listed, a member that cannot be stat'ed
+        raise os_error(exc, exc.filename or folder) from None
+
+
+def _open_folder_files(folder: Path) -> Checkpoint:
     for name in WEIGHT_FILES:
         candidate = folder / name
-        if candidate.is_file():
+        # a special file or a broken link in a weight file's place is refused by name, not skipped
+        if os.path.lexists(candidate) and not candidate.is_dir():
             ckpt = open_checkpoint(candidate)
             ckpt.extra_files = tuple(
                 p

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import Snapshot, open_regular, os_error, pread_exact
 from .base import Checkpoint, TensorInfo
 
 DTYPES: dict[str, torch.dtype] = {
@@ -52,33 +53,40 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
-    """Validate a safetensors header. Returns (data start, {name: (dtype, shape, begin, end)}, metadata)."""
+def _read_header(fd: int, size: int, path: Path) -> bytes:
+    """The header's JSON bytes: never more than the 8-byte length prefix declares (and the file holds)."""
+    if size < 8:
+        raise CheckpointError(
+            "not a safetensors file: it is empty"
+            if size == 0
+            else "not a safetensors file: shorter than 8 bytes",
+            path=path,
+        )
+    (header_len,) = struct.unpack("<Q", pread_exact(fd, 8, 0, path))
+    if 8 + header_len > size:
+        raise CheckpointError(
+            f"corrupt safetensors file: header length {header_len} exceeds the file size {size}", path=path
+        )
+    if header_len > MAX_HEADER:
+        raise CheckpointError(
+            f"corrupt safetensors file: header length {header_len} is over the 100 MiB limit", path=path
+        )
+    return pread_exact(fd, header_len, 8, path)
+
+
+def parse_header(
+    path: Path,
+) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], Snapshot]:
+    """Validate a safetensors header.
+
+    Returns (data start, {name: (dtype, shape, begin, end)}, metadata, what ``stat`` said of the file).
+    """
+    fd, st = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    "not a safetensors file: it is empty"
-                    if size == 0
-                    else "not a safetensors file: shorter than 8 bytes",
-                    path=path,
-                )
-            (header_len,) = struct.unpack("<Q", head)
-            if 8 + header_len > size:
-                raise CheckpointError(
-                    f"corrupt safetensors file: header length {header_len} exceeds the file size {size}",
-                    path=path,
-                )
-            if header_len > MAX_HEADER:
-                raise CheckpointError(
-                    f"corrupt safetensors file: header length {header_len} is over the 100 MiB limit",
-                    path=path,
-                )
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
+        raw = _read_header(fd, st.st_size, path)
+    finally:
+        os.close(fd)
+    header_len, size = len(raw), st.st_size
     try:
         header = json.loads(raw.decode("utf-8"))
         if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header) - (
@@ -138,7 +146,7 @@ def parse_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...],
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise CheckpointError(f"corrupt safetensors file: data of '{n0}' and '{n1}' overlap", path=path)
-    return start, entries, {str(k): str(v) for k, v in metadata.items()}
+    return start, entries, {str(k): str(v) for k, v in metadata.items()}, Snapshot.of(st)
 
 
 class SafetensorsFile(Checkpoint):
@@ -146,7 +154,7 @@ class SafetensorsFile(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         self.path = self._file = Path(path)
-        self._start, self._entries, self.metadata = parse_header(self.path)
+        self._start, self._entries, self.metadata, self._snapshot = parse_header(self.path)
         self._infos = {n: TensorInfo(s, DTYPES[d]) for n, (d, s, _, _) in self._entries.items()}
         self._fd: int | None = None
 
@@ -167,20 +175,37 @@ class SafetensorsFile(Checkpoint):
     def _read(self, name: str, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
         dtype = self._entries[name][0]
         if self._fd is None:
-            self._fd = os.open(self._file, os.O_RDONLY)
+            self._fd, st = open_regular(self._file)
+        else:
+            st = os.fstat(self._fd)
+        changed = self._snapshot.changed(st)
+        if changed:
+            raise CheckpointError(changed, path=self.path)
         nbytes = end - begin
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = buf.numpy().data
             got = 0
-            while got < nbytes:
-                n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+            while got < nbytes:  # a file system may return fewer bytes than asked: read on
+                try:
+                    n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+                except OSError as exc:
+                    raise os_error(exc, self.path) from None
                 if n <= 0:
                     raise CheckpointError(
                         "the file was truncated while reading", path=self.path, parameter=name
                     )
                 got += n
         return buf.view(DTYPES[dtype]).reshape(shape)
+
+    def verify_unchanged(self) -> None:
+        try:
+            st = os.stat(self._file)
+        except OSError as exc:
+            raise os_error(exc, self.path, "vanished while the merge ran") from None
+        changed = self._snapshot.changed(st)
+        if changed:
+            raise CheckpointError(changed, path=self.path)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import read_small_file
 from .base import Checkpoint, TensorInfo
 from .safetensors_file import SafetensorsFile
+
+MAX_INDEX = 256 * 1024 * 1024  # an index of a million tensors is ~100 MB
 
 
 class ShardedSafetensors(Checkpoint):
     def __init__(self, index_path: Path) -> None:
         self.path = Path(index_path)
         try:
-            index = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            index = json.loads(read_small_file(self.path, MAX_INDEX).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"cannot read the shard index: {exc}", path=self.path) from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -32,7 +36,7 @@ class ShardedSafetensors(Checkpoint):
         infos: dict[str, TensorInfo] = {}
         for shard_name in sorted(set(weight_map.values())):
             shard_path = self.path.parent / str(shard_name)
-            if "/" in str(shard_name) or "\\" in str(shard_name) or not shard_path.is_file():
+            if "/" in str(shard_name) or "\\" in str(shard_name) or not os.path.lexists(shard_path):
                 raise CheckpointError(
                     f"the index names shard '{shard_name}', which is missing", path=self.path
                 )
@@ -59,3 +63,7 @@ class ShardedSafetensors(Checkpoint):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+    def verify_unchanged(self) -> None:
+        for shard in self._shards.values():
+            shard.verify_unchanged()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 import zipfile
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import Snapshot, check_regular, os_error
 from .base import Checkpoint, TensorInfo
 
 # Keys under which training scripts commonly nest the weights.
@@ -53,8 +55,15 @@ def _reason(exc: BaseException) -> str:
 
 class TorchFile(Checkpoint):
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        mmap = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
+        self.path = self._file = Path(path)
+        st = check_regular(self.path)
+        if st.st_size == 0:
+            raise CheckpointError("not a readable PyTorch checkpoint: the file is empty", path=self.path)
+        self._snapshot = Snapshot.of(st)
+        try:
+            mmap = zipfile.is_zipfile(self.path)
+        except OSError as exc:
+            raise os_error(exc, self.path) from None  # only the zip format can be memory-mapped
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols; the error says all
                 warnings.simplefilter("ignore")
@@ -81,3 +90,12 @@ class TorchFile(Checkpoint):
 
     def get(self, name: str) -> Tensor:
         return self._sd[name]
+
+    def verify_unchanged(self) -> None:
+        try:
+            st = os.stat(self._file)
+        except OSError as exc:
+            raise os_error(exc, self.path, "vanished while the merge ran") from None
+        changed = self._snapshot.changed(st)
+        if changed:
+            raise CheckpointError(changed, path=self.path)

@@ -8,6 +8,9 @@ is renamed into place only when complete, so a killed run never leaves a folder 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -15,18 +18,21 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .. import signals
 from ..errors import WeightWeavingError
+from ..files import copy_regular
 from .manifest import write_manifest
 from .safetensors_file import DTYPE_NAMES
 
 STAGING_MARK = ".weightweaving-partial-"
+LOCK_MARK = ".weightweaving-lock"
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_staging(out_dir: Path) -> None:
-    """Remove staging folders that earlier runs, since killed, left next to ``out_dir``."""
+def clean_stale_staging(out_dir: Path, *, locked: bool = False) -> None:
+    """Remove staging folders (and ``-old`` folders) that earlier runs, since killed, left next to ``out_dir``.
+
+    With the output's lock held (``locked``), every such folder is a dead run's: a live run would hold
+    the lock. Without it, a folder is removed only when the PID in its name is gone.
+    """
     parent = out_dir.parent
     prefix = f".{out_dir.name}{STAGING_MARK}"
     if not parent.is_dir():
@@ -74,8 +84,90 @@ def clean_stale_staging(out_dir: Path) -> None:
     for item in parent.iterdir():
         if item.name.startswith(prefix):
             pid_text = item.name[len(prefix) :].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if locked or (pid_text.isdigit() and not _pid_alive(int(pid_text))):
                 shutil.rmtree(item, ignore_errors=True)
+
+
+def output_path(out: str | os.PathLike[str]) -> Path:
+    """Where an output really goes: absolute, through a symlink at the output's own name."""
+    path = Path(os.path.abspath(out))
+    try:
+        if path.is_symlink():  # write where the link points, so the rename stays on that disk
+            path = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # a link loop; a link into nowhere is written through
+        if isinstance(exc, FileNotFoundError):
+            return Path(os.path.realpath(path))
+        raise WeightWeavingError(
+            "cannot resolve the output path: Too many levels of symbolic links", path=out
+        ) from None
+    return path
+
+
+_HELD: dict[Path, list[int]] = {}  # output -> [lock fd, depth]: one process locks an output once
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``out_dir`` (a ``flock`` on a file next to it) while inside.
+
+    A second run writing the same output at the same time stops with one line. The lock dies with its
+    process, so a ``kill -9`` never blocks the next run. Yields whether the lock is held (not when the
+    parent folder does not exist yet, or the file system has no locks: the writer locks once it exists).
+    """
+    if out_dir in _HELD:
+        _HELD[out_dir][1] += 1
+        try:
+            yield True
+        finally:
+            _HELD[out_dir][1] -= 1
+        return
+    lock_path = out_dir.parent / f".{out_dir.name}{LOCK_MARK}"
+    fd = _acquire(lock_path, out_dir) if out_dir.parent.is_dir() else None
+    if fd is None:
+        yield False
+        return
+    _HELD[out_dir] = [fd, 1]
+    try:
+        yield True
+    finally:
+        del _HELD[out_dir]
+        with signals.deferred():
+            try:
+                os.unlink(lock_path)  # remove before unlocking: a waiter then re-checks the inode
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _acquire(lock_path: Path, out_dir: Path) -> int | None:
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return None  # cannot create it (a read-only folder): the writer reports the real problem
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise WeightWeavingError(
+                f"another weightweaving run{who} is writing this output folder now; "
+                "wait for it to finish or choose another --out",
+                path=out_dir,
+            ) from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)  # the holder finished and removed the file between our open and lock: again
 
 
 class SafetensorsWriter:
@@ -94,16 +186,10 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         basename: str = "model",
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = output_path(out_dir)
         self.basename = basename
-        if self.out_dir.is_symlink():  # write where the link points, so the rename stays on that disk
-            self.out_dir = self.out_dir.resolve()
-        if self.out_dir.exists() and not overwrite:
-            raise WeightWeavingError(
-                "the output folder exists; pass --overwrite to replace it", path=self.out_dir
-            )
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise WeightWeavingError("the output path exists and is not a folder", path=self.out_dir)
+        self._lock: contextlib.AbstractContextManager[bool] | None = None
+        self._check_target(overwrite)
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +199,14 @@ class SafetensorsWriter:
             ) from None
         if not os.access(parent, os.W_OK):
             raise WeightWeavingError("the output folder's parent is not writable", path=parent)
-        clean_stale_staging(self.out_dir)
+        self._lock = output_lock(self.out_dir)  # held until commit or abort: a second run stops here
+        locked = self._lock.__enter__()
+        try:
+            self._check_target(overwrite)  # again, under the lock
+            clean_stale_staging(self.out_dir, locked=locked)
+        except BaseException:
+            self._release_lock()
+            raise
         self.staging = parent / f".{self.out_dir.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -139,6 +232,19 @@ class SafetensorsWriter:
         except BaseException:  # Ctrl-C while laying out: leave nothing behind
             self.abort()
             raise
+
+    def _check_target(self, overwrite: bool) -> None:
+        if self.out_dir.exists() and not overwrite:
+            raise WeightWeavingError(
+                "the output folder exists; pass --overwrite to replace it", path=self.out_dir
+            )
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise WeightWeavingError("the output path exists and is not a folder", path=self.out_dir)
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
     # -- layout -------------------------------------------------------------------------------------
     def shard_names(self) -> list[str]:
@@ -213,7 +319,7 @@ class SafetensorsWriter:
 
     def copy_file(self, source: Path) -> None:
         try:
-            shutil.copy2(source, self.staging / source.name)
+            copy_regular(source, self.staging / source.name)  # only a regular file, only its size
         except OSError as exc:
             raise WeightWeavingError(
                 f"cannot copy '{source.name}' into the output: {exc.strerror or exc}", path=self.out_dir
@@ -235,20 +341,26 @@ class SafetensorsWriter:
                 os.close(fd)
             self._fds = []
             write_manifest(self.staging, self._streamed_hashes())  # last, so it covers every file
-            old: Path | None = None
-            if self.out_dir.exists():
-                old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned like staging
-                os.rename(self.out_dir, old)
-            os.rename(self.staging, self.out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            if self.out_dir.exists() and not self.overwrite:
+                raise FileExistsError(errno.EEXIST, "the output folder appeared while the merge ran")
+            with signals.deferred():  # never stopped between the renames: no output moved aside for good
+                old: Path | None = None
+                if self.out_dir.exists():
+                    old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned like staging
+                    os.rename(self.out_dir, old)
+                os.rename(self.staging, self.out_dir)
+                self._committed = True
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(self.out_dir.parent)
         except OSError as exc:
             self.abort()
             raise WeightWeavingError(
                 f"cannot write the output: {exc.strerror or exc}", path=self.out_dir
             ) from None
-        self._committed = True
+        finally:
+            if self._committed:
+                self._release_lock()
         return self.out_dir
 
     def _streamed_hashes(self) -> dict[str, str]:
@@ -260,14 +372,17 @@ class SafetensorsWriter:
         return known
 
     def abort(self) -> None:
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
-        if self.staging.exists():
-            shutil.rmtree(self.staging, ignore_errors=True)
+        """Remove everything this writer wrote (a signal waits until the staging folder is gone)."""
+        with signals.deferred():
+            for fd in self._fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds = []
+            if self.staging.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self._release_lock()
 
     def __enter__(self) -> SafetensorsWriter:
         return self

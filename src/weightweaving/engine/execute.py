@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +21,7 @@ from ..errors import CheckpointError, OptionError
 from ..methods.base import UnitContext
 from .executors import Executor, LocalExecutor
 from .plan import Plan, Unit
+from .resources import out_of_memory_as_error
 
 R = TypeVar("R")
 UnitFn = Callable[[Tensor, UnitContext], Tensor]
@@ -96,6 +98,10 @@ class Runner:
     def context(self, unit: Unit, stats: Any = None) -> UnitContext:
         return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras)
 
+    def memory_guard(self, unit: Unit) -> AbstractContextManager[None]:
+        """Running out of memory on ``unit`` becomes a one-line error with its sizes."""
+        return out_of_memory_as_error(unit, len(self.models), self.compute_dtype)
+
     # -- passes -------------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str) -> Any:
         disable = (not sys.stderr.isatty()) if self.progress is None else not self.progress
@@ -109,8 +115,9 @@ class Runner:
         self.passes += 1
 
         def one(unit: Unit) -> R:
-            _, task_vectors = self.load(unit)
-            return fn(task_vectors, self.context(unit))
+            with self.memory_guard(unit):
+                _, task_vectors = self.load(unit)
+                return fn(task_vectors, self.context(unit))
 
         results = []
         with self._bar(sum(u.numel for u in units) * 4 * (len(self.models) + 1), desc) as bar:
@@ -124,16 +131,17 @@ class Runner:
         self.passes += 1
 
         def one(unit: Unit) -> Tensor:
-            if not unit.merge:
-                return self.base.get(unit.name).to(unit.out_dtype)
-            base, task_vectors = self.load(unit)
-            merged = unit_fn(task_vectors, self.context(unit))
-            if tuple(merged.shape) != unit.shape:
-                raise RuntimeError(
-                    f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}"
-                )
-            out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
-            return out.to("cpu", unit.out_dtype)
+            with self.memory_guard(unit):
+                if not unit.merge:
+                    return self.base.get(unit.name).to(unit.out_dtype)
+                base, task_vectors = self.load(unit)
+                merged = unit_fn(task_vectors, self.context(unit))
+                if tuple(merged.shape) != unit.shape:
+                    raise RuntimeError(
+                        f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}"
+                    )
+                out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
+                return out.to("cpu", unit.out_dtype)
 
         total = sum(
             u.numel * u.base_dtype.itemsize * (len(self.models) + 1 if u.merge else 1)

@@ -130,6 +130,7 @@ def weave(
     progress: bool | None = None,
     vocab: str = "error",
     out_lora: int | None = None,
+    resource_check: bool = True,
     **hyperparameters: Any,
 ) -> dict[str, Tensor] | Path:
     """Weight Weaving: pool a method's merges over a search space with the task vectors.
@@ -187,6 +188,7 @@ def weave(
         overwrite=overwrite,
         shard_size=shard_size,
         desc="weaving",
+        resource_check=resource_check,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,
