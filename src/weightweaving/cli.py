@@ -13,11 +13,11 @@ import yaml
 
 from . import __version__
 from .config import MergeOptions, load_yaml, option_flag, reserved_names, run_options, validate
-from .engine.resources import ADVICE
+from .engine.resources import ADVICE, is_out_of_memory
 from .errors import OptionError, WeightWeavingError
 from .files import problem
 from .inspection import add_inspect_parser, run_inspect
-from .signals import INTERRUPTED, interrupts_raise
+from .signals import INTERRUPTED, InterruptedAfterOutput, interrupts_raise
 from .verify import add_verify_parser, run_verify
 
 MERGE_EPILOG = """examples:
@@ -413,8 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with interrupts_raise():  # SIGINT and SIGTERM: KeyboardInterrupt, so the writer cleans up
         try:
             return _main(argv)
-        except KeyboardInterrupt:
-            print(INTERRUPTED, file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(exc.line() if isinstance(exc, InterruptedAfterOutput) else INTERRUPTED, file=sys.stderr)
             return 130
 
 
@@ -502,7 +502,9 @@ def _main(argv: Sequence[str] | None) -> int:
             traceback.print_exc()
         print(f"error: {exc.filename or 'a file'}: {problem(exc)}", file=sys.stderr)
         return 2
-    except MemoryError:  # outside a merged tensor (which says its sizes); after the writer cleaned up
+    except (MemoryError, RuntimeError) as exc:  # out of memory outside a merged tensor (which says its sizes)
+        if not is_out_of_memory(exc):
+            raise
         print(f"error: out of memory; {ADVICE}", file=sys.stderr)
         return 2
 

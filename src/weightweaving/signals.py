@@ -20,6 +20,19 @@ from types import FrameType
 from typing import Any
 
 INTERRUPTED = "error: interrupted; no output was written"
+
+
+class InterruptedAfterOutput(KeyboardInterrupt):
+    """A signal that came while a finished output was being put in place: the output is complete."""
+
+    def __init__(self, out: object) -> None:
+        super().__init__(out)
+        self.out = out
+
+    def line(self) -> str:
+        return f"error: interrupted; the output was complete and is in place: {self.out}"
+
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -18,11 +18,12 @@ import torch
 from tests.helpers import save_safetensors, toy_models
 
 STAGING_MARK = ".weightweaving-partial-"
+LOCK_MARK = ".weightweaving-lock"
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Staging folders (finished or not) that a run left in ``folder``."""
-    return sorted(p.name for p in folder.iterdir() if STAGING_MARK in p.name)
+    """Staging folders (finished or not) and lock files that a run left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if STAGING_MARK in p.name or LOCK_MARK in p.name)
 
 
 def assert_error(

@@ -108,6 +108,8 @@ def _open_folder_files(folder: Path) -> Checkpoint:
                 for p in sorted(folder.iterdir())
                 if p.is_file() and p.name.endswith(CARRIED_SUFFIXES) and p.name not in NOT_CARRIED
             )
+            for extra in ckpt.extra_files:  # copied into the output later: refused now, not then
+                check_regular(extra)
             return ckpt
     singles = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
     if len(singles) == 1:

@@ -343,15 +343,20 @@ class SafetensorsWriter:
             write_manifest(self.staging, self._streamed_hashes())  # last, so it covers every file
             if self.out_dir.exists() and not self.overwrite:
                 raise FileExistsError(errno.EEXIST, "the output folder appeared while the merge ran")
-            with signals.deferred():  # never stopped between the renames: no output moved aside for good
-                old: Path | None = None
-                if self.out_dir.exists():
-                    old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned like staging
-                    os.rename(self.out_dir, old)
-                os.rename(self.staging, self.out_dir)
-                self._committed = True
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+            try:
+                with signals.deferred():  # never stopped between the renames: nothing moved aside for good
+                    old: Path | None = None
+                    if self.out_dir.exists():
+                        old = self.staging.with_name(self.staging.name + "-old")  # stale-cleaned too
+                        os.rename(self.out_dir, old)
+                    os.rename(self.staging, self.out_dir)
+                    self._committed = True
+                    if old is not None:
+                        shutil.rmtree(old, ignore_errors=True)
+            except KeyboardInterrupt:  # held back until the output was in place: say so
+                if self._committed:
+                    raise signals.InterruptedAfterOutput(self.out_dir) from None
+                raise
             _fsync_dir(self.out_dir.parent)
         except OSError as exc:
             self.abort()
