@@ -3,7 +3,7 @@
 Both numbers come from the plan (the headers) before anything is written: the output's bytes against
 the free space of the file system it goes to, and a lower bound of the peak memory (the largest unit's
 base, T task vectors and merged result in the compute dtype, per worker) against the memory this
-process may still take (``MemAvailable``, and the address-space limit if one is set).
+process may still take (``MemAvailable``, a container's cgroup limit, the address-space limit).
 """
 
 from __future__ import annotations
@@ -67,10 +67,25 @@ def available_memory() -> int | None:
                     limits.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        limits.append(cgroup)
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         limits.append(max(0, soft - _address_space_used()))
     return min(limits) if limits else None
+
+
+def _cgroup_room() -> int | None:
+    """What a container's memory limit (cgroup v2) leaves, or ``None`` without one."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", "rb") as fh:
+            limit = fh.read(64).strip()
+        with open("/sys/fs/cgroup/memory.current", "rb") as fh:
+            current = int(fh.read(64).strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == b"max" or not limit.isdigit() else max(0, int(limit) - current)
 
 
 def _address_space_used() -> int:
