@@ -118,7 +118,7 @@ def parse_header(
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype '{dtype}'", path=path, parameter=name)
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
             raise CheckpointError(f"invalid shape {shape!r}", path=path, parameter=name)
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
