@@ -174,13 +174,11 @@ class SafetensorsFile(Checkpoint):
 
     def _read(self, name: str, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
         dtype = self._entries[name][0]
-        if self._fd is None:
+        if self._fd is None:  # changed since planning? checked here and again before the commit
             self._fd, st = open_regular(self._file)
-        else:
-            st = os.fstat(self._fd)
-        changed = self._snapshot.changed(st)
-        if changed:
-            raise CheckpointError(changed, path=self.path)
+            changed = self._snapshot.changed(st)
+            if changed:
+                raise CheckpointError(changed, path=self.path)
         nbytes = end - begin
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
