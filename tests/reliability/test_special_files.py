@@ -26,7 +26,7 @@ def _one_at_a_time(cases):
 
 
 def test_special_files_are_refused_before_reading(tmp_path):
-    """Devices, FIFOs, sockets and /proc files, as models, in folders, as shards, as a config."""
+    """Devices, FIFOs, sockets and /proc files: as models, in folders, as shards, as a config, to convert."""
     b, ms, base, tuned = write_models(tmp_path)
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)  # opening it for reading would block forever; reading a device would never end
@@ -68,6 +68,8 @@ def test_special_files_are_refused_before_reading(tmp_path):
                 "config_dev": ["merge", "/dev/zero"],
                 "proc": [*merge, "--base", "/proc/self/status", "--models", *ms],
                 "proc_carried": [*merge, "--base", hf_carried, "--models", *ms],
+                "convert_fifo": ["convert", fifo, out / "c.safetensors"],
+                "convert_dev": ["convert", "/dev/zero", out],
             }
         )
     finally:
@@ -93,6 +95,8 @@ def test_special_files_are_refused_before_reading(tmp_path):
     proc = "is a file of the kernel's /proc file system (its size is not its content); refusing to read it"
     assert_error(res["proc"], f"/proc/self/status: {proc}", out=out)
     assert_error(res["proc_carried"], f"{hf_carried / 'tokenizer.json'}: {proc}", out=out)
+    assert_error(res["convert_fifo"], f"{fifo}: is a FIFO (named pipe), {NOT_REGULAR}", out=out)
+    assert_error(res["convert_dev"], f"/dev/zero: {dev}", out=out)
     assert leftovers(tmp_path) == []
 
 

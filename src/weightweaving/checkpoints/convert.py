@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, WeightWeavingError
+from ..files import check_regular
 from .safetensors_file import DTYPE_NAMES
 from .torch_file import NESTED_KEYS
 from .writer import STAGING_MARK, OutputEntry, SafetensorsWriter, clean_stale_staging
@@ -553,6 +554,7 @@ def read_pickled(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
         neither a class nor an allowed constructor (named in the message).
     """
     path = Path(path)
+    check_regular(path)  # never a device, FIFO, socket or /proc file
     try:
         with open(path, "rb") as stream:
             obj, classes = _load_stream(stream)
