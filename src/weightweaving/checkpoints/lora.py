@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import read_small_file
 from .base import Checkpoint, TensorInfo
 from .safetensors_file import SafetensorsFile
 
@@ -68,8 +69,8 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        config = json.loads(read_small_file(path, 16 * 1024 * 1024).decode("utf-8"))  # a regular file
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"cannot read the adapter config: {exc}", path=path) from None
     if not isinstance(config, dict):
         raise CheckpointError("the adapter config is not a JSON object", path=path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightWeavingError
+from ..files import check_regular
 
 MANIFEST = "weightweaving_manifest.json"
 FORMAT = "weightweaving-manifest/1"
@@ -23,6 +24,7 @@ _CHUNK = 8 * 1024 * 1024
 
 def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
+    check_regular(path)  # a FIFO or device in a folder would never end
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
