@@ -122,10 +122,20 @@ def open_job(
     return Job(base=base, models=models, runner=runner, sources=sources)
 
 
-def method_stats(method: Method, p: Hyperparameters, runner: Runner) -> Any:
-    """Run a global-scope method's first passes (nothing for local scopes)."""
+def method_stats(
+    method: Method, p: Hyperparameters, runner: Runner, deliver: Callable[[Any], None] | None = None
+) -> Any:
+    """Run a global-scope method's first passes (nothing for local scopes).
+
+    A method that declares :meth:`~Method.stages` runs them on the runner; with ``deliver``, a
+    final fused stage is left to the merge pass, which hands its result to ``deliver`` (the value
+    returned is then the statistics found so far). Otherwise ``global_stats`` scans.
+    """
     if method.scope_of(p) is not Scope.GLOBAL:
         return None
+    stages = method.stages(p)
+    if stages:
+        return runner.run_stages(stages, deliver)
     return method.global_stats(runner.scan, p, runner.seed)
 
 
@@ -202,7 +212,7 @@ def versions() -> dict[str, str]:
 
 def deliver(
     job: Job,
-    results: Iterator[tuple[str, Tensor]],
+    results: Iterator[tuple[str, tuple[int, int] | None, Tensor]],
     *,
     out: str | os.PathLike[str] | None,
     overwrite: bool,
@@ -211,13 +221,17 @@ def deliver(
 ) -> dict[str, Tensor] | Path:
     """Stream results into a new output folder (atomically), or collect them as a state dict."""
     if out is None:
-        return {name: tensor for name, tensor in results}
+        collected = dict(job.runner.assemble(results))  # deferred units come last: plan order again
+        return {u.name: collected[u.name] for u in job.runner.plan.units}
     entries = [OutputEntry(u.name, u.shape, u.out_dtype) for u in job.runner.plan.units]
     with SafetensorsWriter(
         out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite
     ) as writer:
-        for name, tensor in results:
-            writer.write(name, tensor)
+        for name, rows, tensor in results:
+            if rows is None:
+                writer.write(name, tensor)
+            else:
+                writer.write_rows(name, rows[0], tensor)
         for ckpt in [job.base, *job.models]:  # an input replaced while we read it: stop, keep nothing
             ckpt.verify_unchanged()
         for extra in job.base.extra_files:
@@ -312,7 +326,7 @@ def run_job(
                 return deliver_lora(
                     job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
                 )
-            stream = runner.run(unit_fn, desc=desc)
+            stream = runner.run_pieces(unit_fn, desc=desc)
             return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
         finally:
             job.close()
@@ -405,8 +419,10 @@ def merge(
     chosen.check_lam(lam)
 
     def prepare(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
-        stats = method_stats(chosen, p, runner)
-        return lambda tv, ctx: chosen.merge_unit(tv, p, lam, with_stats(ctx, stats))
+        found: dict[str, Any] = {}
+        runner.row_chunks = chosen.row_chunks(p)
+        found["stats"] = method_stats(chosen, p, runner, deliver=lambda s: found.update(stats=s))
+        return lambda tv, ctx: chosen.merge_unit(tv, p, lam, with_stats(ctx, found["stats"]))
 
     record = {
         "operation": "merge",

@@ -57,6 +57,10 @@ class Checkpoint:
         """The first ``rows`` rows of a tensor (readers that can, read only those bytes)."""
         return self.get(name)[:rows]
 
+    def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor's first dimension (readers that can, read only those)."""
+        return self.get(name)[start:stop]
+
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<state dict>"
 
@@ -108,6 +112,9 @@ class RenamedCheckpoint(Checkpoint):
 
     def get_rows(self, name: str, rows: int) -> Tensor:
         return self.inner.get_rows(self.strip + name, rows)
+
+    def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
+        return self.inner.get_row_range(self.strip + name, start, stop)
 
     def changed(self) -> set[str] | None:
         inner = self.inner.changed()

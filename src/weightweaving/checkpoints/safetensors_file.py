@@ -172,6 +172,18 @@ class SafetensorsFile(Checkpoint):
         row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
         return self._read(name, (rows, *shape[1:]), begin, begin + rows * row_bytes)
 
+    def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the first dimension, reading only their bytes."""
+        _, shape, begin, end = self._entries[name]
+        if not shape:
+            return self.get(name)[start:stop]
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        stop = max(start, stop)
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        return self._read(
+            name, (stop - start, *shape[1:]), begin + start * row_bytes, begin + stop * row_bytes
+        )
+
     def _read(self, name: str, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
         dtype = self._entries[name][0]
         if self._fd is None:  # changed since planning? checked here and again before the commit

@@ -60,6 +60,9 @@ class ShardedSafetensors(Checkpoint):
     def get_rows(self, name: str, rows: int) -> Tensor:
         return self._where[name].get_rows(name, rows)
 
+    def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
+        return self._where[name].get_row_range(name, start, stop)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -216,6 +216,7 @@ class SafetensorsWriter:
         # SHA-256 of each weight file, fed as its bytes are written in order (``None``: re-read at commit)
         self._hashes: dict[int, tuple[str, hashlib._Hash | None, int]] = {}
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self._shards = _layout(entries, max_shard_bytes)
         self._entries = {e.name: e for e in entries}
         if len(self._entries) != len(entries):
@@ -308,6 +309,34 @@ class SafetensorsWriter:
         else:  # written out of order: hash the file at commit instead
             self._hashes[fd] = (file_name, None, expected)
         self._written.add(name)
+
+    def write_rows(self, name: str, start: int, tensor: Tensor) -> None:
+        """Write rows ``start:start + len(tensor)`` of one tensor (the rest comes in other calls)."""
+        entry = self._entries[name]
+        rows = entry.shape[0] if entry.shape else 0
+        if (
+            tuple(tensor.shape[1:]) != entry.shape[1:]
+            or tensor.dtype != entry.dtype
+            or not (0 <= start and start + tensor.shape[0] <= rows)
+        ):
+            raise ValueError(
+                f"{name}: rows {start}+{tuple(tensor.shape)} {tensor.dtype} do not fit {entry.shape} {entry.dtype}"
+            )
+        fd, offset = self._files[name]
+        row_bytes = entry.nbytes // rows
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = data.data
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + start * row_bytes + done)
+        except OSError as exc:
+            raise WeightWeavingError(
+                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
+            ) from None
+        self._rows_written[name] = self._rows_written.get(name, 0) + tensor.shape[0]
+        if self._rows_written[name] == rows:
+            self._written.add(name)
 
     def add_file(self, name: str, content: bytes) -> None:
         try:

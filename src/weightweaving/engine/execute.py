@@ -7,9 +7,11 @@ base, casts to the output dtype and hands the tensor on, keeping nothing once it
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -18,12 +20,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.base import Checkpoint
 from ..errors import CheckpointError, OptionError
-from ..methods.base import UnitContext
+from ..methods.base import Deferred, Stage, UnitContext
 from .executors import Executor, LocalExecutor
 from .plan import Plan, Unit
 from .resources import out_of_memory_as_error
 
 R = TypeVar("R")
+CHUNK_BYTES = 64 << 20  # task-vector bytes (T x rows x row size x 4) above which a unit is chunked
 UnitFn = Callable[[Tensor, UnitContext], Tensor]
 
 
@@ -32,6 +35,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("--device cuda was asked for, but no CUDA device is available")
     return dev
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A work item of a pass: a whole unit (``rows`` None) or rows ``start:stop`` of it."""
+
+    unit: Unit
+    rows: tuple[int, int] | None
 
 
 class Runner:
@@ -50,6 +61,7 @@ class Runner:
         executor: Executor | None = None,
         progress: bool | None = None,
         extras: dict[str, Any] | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
         self.plan = plan
         self.base = base
@@ -62,6 +74,13 @@ class Runner:
         self.progress = progress
         self.extras = extras or {}
         self.passes = 0  # how many full passes over the checkpoints have been made (for benchmarks)
+        self.pass_log: list[str] = []  # what each pass was (stage names), for benchmarks and the plan
+        self._fused: list[tuple[Stage, Any, Callable[[Any], None]]] = []
+        self._units = {u.name: u for u in plan.units}
+        # merge units of more than chunk_bytes of task vectors in chunks of rows, when the method
+        # says each row's result depends only on that row (Method.row_chunks); set per merge
+        self.row_chunks = False
+        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
     # -- reading ------------------------------------------------------------------------------------
     def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
@@ -75,6 +94,28 @@ class Runner:
         if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
             self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
         return base, task_vectors
+
+    def load_sample(self, unit: Unit, fraction: float) -> Tensor:
+        """Task vectors of about ``fraction`` of the unit's rows, evenly spread: (T, r, *rest).
+
+        A unit of fewer than two dimensions is read whole. Only the sampled rows are read.
+        """
+        rows = unit.shape[0] if len(unit.shape) >= 2 else 0
+        wanted = min(rows, max(1, math.ceil(rows * fraction)))
+        if rows < 2 or wanted >= rows:
+            return self.load(unit)[1]
+        starts = sorted({(i * rows) // wanted for i in range(wanted)})
+        out = torch.empty(
+            (len(self.models), len(starts), *unit.shape[1:]), dtype=self.compute_dtype, device=self.device
+        )
+        base = torch.stack([self.base.get_row_range(unit.name, r, r + 1)[0] for r in starts])
+        base = base.to(self.device, self.compute_dtype)
+        for i, model in enumerate(self.models):
+            rows_i = torch.stack([model.get_row_range(unit.name, r, r + 1)[0] for r in starts])
+            torch.sub(rows_i.to(self.device, self.compute_dtype), base, out=out[i])
+        if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
+            self.load(unit)  # names the culprit
+        return out
 
     def _refuse_nonfinite(self, unit: Unit, task_vectors: Tensor) -> None:
         """Name the checkpoint that holds NaN or Inf (looked up only once a unit has failed the check)."""
@@ -96,7 +137,7 @@ class Runner:
         )
 
     def context(self, unit: Unit, stats: Any = None) -> UnitContext:
-        return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras)
+        return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras, shape=unit.shape)
 
     def memory_guard(self, unit: Unit) -> AbstractContextManager[None]:
         """Running out of memory on ``unit`` becomes a one-line error with its sizes."""
@@ -126,40 +167,184 @@ class Runner:
                 bar.update(unit.numel * 4 * (len(self.models) + 1))
         return results
 
-    def run(self, unit_fn: UnitFn, desc: str = "merging") -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(name, output tensor)`` for every unit in plan order; merged units go through ``unit_fn``."""
-        self.passes += 1
+    def stage_partials(self, stage: Stage, given: Any) -> Iterator[Any]:
+        """``stage.map`` over every merged unit (or chunk of rows) in sorted-name order (one pass,
+        or a sample of rows)."""
+        units = self.plan.merge_units
+        fraction = None
+        if stage.sample is not None:
+            fraction = min(1.0, stage.sample / max(1, sum(u.numel for u in units)))
+        self.passes += fraction is None
+        self.pass_log.append(stage.name if fraction is None else f"{stage.name} (sample)")
+        work = [Piece(u, None) for u in units] if fraction is not None else self.pieces(units)
 
-        def one(unit: Unit) -> Tensor:
+        def one(piece: Piece) -> Any:
+            ctx = self.context(piece.unit)
+            with self.memory_guard(piece.unit):
+                if fraction is not None:
+                    return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
+                return stage.map(self.load_piece(piece)[1], ctx, given)
+
+        nbytes = 4 * (len(self.models) + 1)
+        with self._bar(sum(u.numel for u in units) * nbytes, stage.name) as bar:
+            for piece, partial in zip(work, self.executor.map(one, work), strict=True):
+                yield partial
+                bar.update(piece.unit.numel * nbytes if piece.rows is None else 0)
+
+    def run_stages(self, stages: Sequence[Stage], deliver: Callable[[Any], None] | None = None) -> Any:
+        """Run a method's stages; return the last fold's result (its statistics).
+
+        With ``deliver``, a final fused stage is not run now but registered for the merge pass
+        (:meth:`run`), which calls ``deliver(result)`` when its fold is known; the value returned
+        is then the ``given`` of that fused stage (the statistics so far).
+        """
+        given: Any = None
+        for i, stage in enumerate(stages):
+            if stage.when is not None and not stage.when(given):
+                continue
+            if stage.fused and deliver is not None and i == len(stages) - 1:
+                self._fused.append((stage, given, deliver))
+                return stage.pending(given) if stage.pending is not None else given
+            given = stage.fold(given, self.stage_partials(stage, given))
+        return given
+
+    def run(self, unit_fn: UnitFn, desc: str = "merging") -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(name, output tensor)`` for every unit; merged units go through ``unit_fn``.
+
+        Units come in plan order, except those whose merge raised :class:`Deferred` (it needs a
+        fused stage's result): they come last, merged again once the fused stages are folded.
+        Units merged in chunks of rows (:attr:`row_chunks`) are put together here; a writer that
+        takes rows should use :meth:`run_pieces` instead, so that no whole tensor is held.
+        """
+        return self.assemble(self.run_pieces(unit_fn, desc))
+
+    def assemble(
+        self, pieces: Iterator[tuple[str, tuple[int, int] | None, Tensor]]
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Whole output tensors from :meth:`run_pieces`, each as soon as all its rows are in."""
+        building: dict[str, tuple[Tensor, int]] = {}
+        for name, rows, tensor in pieces:
+            if rows is None:
+                yield name, tensor
+                continue
+            unit = self._units[name]
+            if name in building:
+                whole, left = building.pop(name)
+            else:
+                whole, left = torch.empty(unit.shape, dtype=unit.out_dtype), unit.shape[0]
+            whole[rows[0] : rows[1]] = tensor
+            left -= rows[1] - rows[0]
+            if left:
+                building[name] = (whole, left)
+            else:
+                yield name, whole
+
+    def pieces(self, units: Sequence[Unit]) -> list[Piece]:
+        """The units as work items: merged units of more than ``chunk_bytes`` of task vectors are
+        split into chunks of rows when :attr:`row_chunks` allows it."""
+        out: list[Piece] = []
+        per_entry = 4 * max(1, len(self.models))
+        for unit in units:
+            rows = unit.shape[0] if len(unit.shape) >= 2 else 0
+            if not (
+                self.row_chunks and unit.merge and rows > 1 and unit.numel * per_entry > self.chunk_bytes
+            ):
+                out.append(Piece(unit, None))
+                continue
+            step = max(1, self.chunk_bytes // (per_entry * (unit.numel // rows)))
+            out.extend(Piece(unit, (r, min(rows, r + step))) for r in range(0, rows, step))
+        return out
+
+    def load_piece(self, piece: Piece) -> tuple[Tensor, Tensor]:
+        """Like :meth:`load`, for one piece: the whole unit or only its rows."""
+        if piece.rows is None:
+            return self.load(piece.unit)
+        unit, (start, stop) = piece.unit, piece.rows
+        base = self.base.get_row_range(unit.name, start, stop).to(self.device, self.compute_dtype)
+        task_vectors = torch.empty(
+            (len(self.models), stop - start, *unit.shape[1:]), dtype=self.compute_dtype, device=self.device
+        )
+        for i, model in enumerate(self.models):
+            rows = model.get_row_range(unit.name, start, stop).to(self.device, self.compute_dtype)
+            torch.sub(rows, base, out=task_vectors[i])
+        if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
+            self.load(unit)  # names the culprit
+        return base, task_vectors
+
+    def run_pieces(
+        self, unit_fn: UnitFn, desc: str = "merging"
+    ) -> Iterator[tuple[str, tuple[int, int] | None, Tensor]]:
+        """Yield ``(name, rows, output)`` for every unit, or every chunk of rows ``rows = (start,
+        stop)`` of a unit merged in chunks (``rows`` is None for a whole unit)."""
+        self.passes += 1
+        fused, self._fused = self._fused, []
+        if fused:
+            self.pass_log.append("merge + " + " + ".join(stage.name for stage, _, _ in fused))
+        else:
+            self.pass_log.append("merge")
+        partials: list[list[Any]] = [[] for _ in fused]
+
+        def merged_output(piece: Piece, base: Tensor, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
+            merged = unit_fn(task_vectors, ctx)
+            if tuple(merged.shape) != tuple(base.shape):
+                raise RuntimeError(
+                    f"{piece.unit.name}: method returned shape {tuple(merged.shape)}, expected {tuple(base.shape)}"
+                )
+            out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
+            return out.to("cpu", piece.unit.out_dtype)
+
+        def one(piece: Piece) -> tuple[Tensor | None, list[Any]]:
+            unit = piece.unit
             with self.memory_guard(unit):
                 if not unit.merge:
-                    return self.base.get(unit.name).to(unit.out_dtype)
-                base, task_vectors = self.load(unit)
-                merged = unit_fn(task_vectors, self.context(unit))
-                if tuple(merged.shape) != unit.shape:
-                    raise RuntimeError(
-                        f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}"
-                    )
-                out = base + merged.to(base.dtype)  # never in place: ``base`` may be the caller's own tensor
-                return out.to("cpu", unit.out_dtype)
+                    return self.base.get(unit.name).to(unit.out_dtype), []
+                base, task_vectors = self.load_piece(piece)
+                ctx = self.context(unit)
+                try:
+                    out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
+                except Deferred:
+                    out = None
+                # fused stages after the merge, which may leave in ctx.scratch what they can reuse
+                return out, [stage.map(task_vectors, ctx, given) for stage, given, _ in fused]
 
-        total = sum(
-            u.numel * u.base_dtype.itemsize * (len(self.models) + 1 if u.merge else 1)
-            for u in self.plan.units
-        )
-        with self._bar(total, desc) as bar:
+        def size(piece: Piece) -> int:
+            unit = piece.unit
+            numel = (
+                unit.numel
+                if piece.rows is None
+                else unit.numel // unit.shape[0] * (piece.rows[1] - piece.rows[0])
+            )
+            return numel * unit.base_dtype.itemsize * (len(self.models) + 1 if unit.merge else 1)
+
+        work = self.pieces(self.plan.units)
+        deferred: list[Piece] = []
+        with self._bar(sum(size(w) for w in work), desc) as bar:
             bar.set_postfix_str(f"{len(self.plan.units)} parameters")
-            for unit, tensor in zip(self.plan.units, self.executor.map(one, self.plan.units), strict=True):
-                yield unit.name, tensor
-                bar.update(
-                    unit.numel * unit.base_dtype.itemsize * (len(self.models) + 1 if unit.merge else 1)
-                )
+            for piece, (tensor, found) in zip(work, self.executor.map(one, work), strict=True):
+                if piece.unit.merge:
+                    for store, partial in zip(partials, found, strict=True):
+                        store.append(partial)
+                if tensor is None:
+                    deferred.append(piece)
+                else:
+                    yield piece.unit.name, piece.rows, tensor
+                bar.update(size(piece))
+        for (stage, given, deliver), store in zip(fused, partials, strict=True):
+            deliver(stage.fold(given, iter(store)))
+        for piece in deferred:  # read again: their merge needed what the fused stages found
+            with self.memory_guard(piece.unit):
+                base, task_vectors = self.load_piece(piece)
+                merged = merged_output(piece, base, task_vectors, self.context(piece.unit))
+            yield piece.unit.name, piece.rows, merged
 
     def run_deltas(
         self, unit_fn: UnitFn, units: Sequence[Unit], desc: str = "merging"
     ) -> Iterator[tuple[str, Tensor]]:
         """Yield ``(name, merged task vector)`` for ``units`` (merged ones), in order, in the compute
         dtype on the CPU: what a LoRA output factorises, without the base added and cast away."""
+        fused, self._fused = self._fused, []
+        for stage, given, deliver in fused:  # no merge pass to fuse with here: a pass of their own
+            deliver(stage.fold(given, self.stage_partials(stage, given)))
         self.passes += 1
 
         def one(unit: Unit) -> Tensor:

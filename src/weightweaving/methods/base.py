@@ -9,8 +9,9 @@ which is what lets Weight Weaving pool any number of λ values at the cost of on
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -66,6 +67,45 @@ class LamForm:
 Scanner = Callable[[Callable[[Tensor, "UnitContext"], R]], list[R]]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One streamed pass of a method over every merged unit: a map per unit, a fold on the driver.
+
+    A global-scope method declares its passes as a list of stages (:meth:`Method.stages`); the
+    runner reads the checkpoints once per stage, so the plan shows how many times each byte is read.
+
+    - ``map(task_vectors, ctx, given) -> partial`` runs on one unit: ``task_vectors`` (T, *shape)
+      in the compute dtype (for a ``sample`` stage, a subset of its rows: (T, r, *rest)), ``ctx`` its
+      :class:`UnitContext`, ``given`` what the previous stage's fold returned (``None`` for the first).
+      It keeps no state between units and does no I/O, and returns something small (counts, a
+      histogram, a few values). ``map`` is a module-level function (or a ``functools.partial`` of
+      one) and ``given`` holds only tensors and numbers, so both pickle for a process or Ray worker.
+    - ``fold(given, partials) -> result`` runs on the driver. ``partials`` is an iterator over the
+      map's results in sorted-unit order; fold consumes it as it comes (a running sum) and returns
+      the next stage's ``given``. The last stage's result is the method's statistics (``ctx.stats``).
+    - ``when(given)``: run the stage only if this is true (a fallback pass); otherwise its ``given``
+      passes through unchanged.
+    - ``sample``: read only about this many values per task vector, spread evenly over the rows of
+      every unit (an estimate that a later exact stage checks); a runner may also hand whole units.
+    - ``fused``: the stage runs in the merge pass itself, on the tensors the merge reads. Its result
+      is known only when that pass ends: a unit whose merge needs it raises :class:`Deferred`, and
+      the runner merges that unit again once the fold is known (only the last stage may be fused).
+      ``pending(given)`` gives the statistics the merge sees meanwhile (default: ``given``).
+    """
+
+    name: str
+    map: Callable[[Tensor, UnitContext, Any], Any]
+    fold: Callable[[Any, Iterator[Any]], Any]
+    when: Callable[[Any], bool] | None = None
+    sample: int | None = None
+    fused: bool = False
+    pending: Callable[[Any], Any] | None = None
+
+
+class Deferred(Exception):
+    """Raised by a method's merge of one unit that needs the result of a fused stage not yet known."""
+
+
 def paper_ranges(
     multitask: tuple[float, float] = (0.1, 1.0),
     continual: tuple[float, float] = (0.1, 1.0),
@@ -89,6 +129,9 @@ class UnitContext:
     seed: int = 0
     stats: Any = None  # what the method's global_stats returned, for global scope
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. exemplar features (later methods)
+    shape: tuple[int, ...] = ()  # the whole parameter's shape (a stage may see only some of its rows)
+    # what the merge of this unit found and a fused stage may reuse (one dict per unit, per pass)
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
     def generator(self, *salt: object) -> torch.Generator:
         """A CPU generator seeded from (seed, parameter name, salt): the same on every executor."""
@@ -125,9 +168,26 @@ class Method:
         chosen = getattr(p, "scope", None)
         return Scope(chosen) if chosen is not None else self.scope
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        """True when each row (first dimension) of the merged tensor depends only on that row of
+        the task vectors (given the global statistics): large units are then merged in chunks of
+        rows, so memory is bounded by a chunk, not by the largest tensor. False by default."""
+        return False
+
+    def stages(self, p: Hyperparameters) -> list[Stage]:
+        """The streamed passes of a global-scope method (see :class:`Stage`); none by default."""
+        return []
+
     def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> Any:
-        """First passes over the whole model for global scope; the result reaches ``ctx.stats``."""
-        return None
+        """First passes over the whole model for global scope; the result reaches ``ctx.stats``.
+
+        By default the method's :meth:`stages`, each as one ``scan`` over whole units (no fusion).
+        """
+        given: Any = None
+        for stage in self.stages(p):
+            if stage.when is None or stage.when(given):
+                given = stage.fold(given, iter(scan(functools.partial(_call_map, stage.map, given=given))))
+        return given
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         """The merged task vector of one unit. ``task_vectors``: (T, *shape), float, read-only."""
@@ -159,6 +219,12 @@ class Method:
         """``compute`` evaluated at one λ."""
         form = self.compute(task_vectors, p, ctx)
         return form.at(1.0 if lam is None else lam)
+
+
+def _call_map(
+    map_fn: Callable[[Tensor, UnitContext, Any], Any], task_vectors: Tensor, ctx: UnitContext, *, given: Any
+) -> Any:
+    return map_fn(task_vectors, ctx, given)
 
 
 def _describe_validation(method: str, exc: Exception) -> str:

@@ -72,6 +72,10 @@ class Breadcrumbs(Method):
     order_invariant = True
     summary = "sum of the task vectors, each masked to keep the middle band of magnitudes (no outliers, no small values)"
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        assert isinstance(p, BreadcrumbsParams)
+        return p.scope == "row"  # each row's band depends on that row alone
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, BreadcrumbsParams)
         masked = middle_band(task_vectors, p.density, p.gamma, per_row=p.scope == "row")  # (T, *shape)

@@ -36,5 +36,8 @@ class MagMax(Method):
     order_invariant = False  # equal magnitudes of opposite sign: the later task wins
     summary = "per entry, the task-vector value of largest magnitude"
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        return True  # entry by entry
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         return LamForm(offset=None, slope=max_magnitude(task_vectors))

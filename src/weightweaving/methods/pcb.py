@@ -129,6 +129,10 @@ class Pcb(Method):
         )
         return PcbStats(low, high, torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found]))
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        assert isinstance(p, PcbParams)
+        return p.scope == "global"  # given the global statistics, entry by entry
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, PcbParams)
         flat = task_vectors.reshape(task_vectors.shape[0], -1)  # (T, n)

@@ -27,6 +27,9 @@ class TaskArithmetic(Method):
     paper_lam_ranges = paper_ranges()
     summary = "λ times the sum of the task vectors"
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        return True  # entry by entry
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, TaskArithmeticParams)
         check_weights(p.weights, task_vectors.shape[0], self.name)

@@ -5,6 +5,8 @@ Reference: prateeky2806/ties-merging ``ties_minimal.ipynb`` (global flattening o
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,9 +14,18 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
+from .base import (
+    Deferred,
+    Hyperparameters,
+    LamForm,
+    LamKind,
+    Method,
+    Scope,
+    Stage,
+    UnitContext,
+    paper_ranges,
+)
 from .registry import register
-from .steps import streamed_order_statistics
 
 
 class TiesParams(Hyperparameters):
@@ -35,10 +46,214 @@ class TiesParams(Hyperparameters):
 
 @dataclass(frozen=True)
 class TiesStats:
-    """What the global first passes find: each task's trim threshold and the majority sign."""
+    """What the global passes find: each task's trim threshold and the majority sign."""
 
     thresholds: Tensor  # (T,) keep |x| >= τ_t (or a single 0 when nothing is trimmed)
-    majority_sign: float  # sign(Σ over every entry of the elected sign), the fallback where s = 0
+    majority_sign: float | None  # sign(Σ over every entry of the elected sign), where s = 0; None: not yet
+
+
+# -- the exact global thresholds in one pass (plus a sample), as plan stages -----------------------
+# Stage "sample" reads about _SAMPLE magnitudes per task spread over every unit and places a window
+# [low, high] of magnitudes around each task's threshold quantile. Stage "window" counts, per task,
+# the magnitudes below the window and keeps those inside it: when the threshold's rank falls inside
+# (the usual case) its exact value is the (rank − below)-th of the kept values. Otherwise two more
+# passes find it exactly: "buckets" counts every magnitude's top 16 bits, "boundary" keeps the values
+# of the threshold's bucket. Stage "sign" (Σ of the elected signs) runs fused with the merge: it
+# matters only where the trimmed values of an entry sum to exactly 0, and reuses the merge's sums.
+
+_SAMPLE = 1 << 20  # magnitudes per task read to place the window
+_SAMPLE_PER_UNIT = 1 << 16  # at most this many of them from one unit (weighted by the unit's size)
+_WINDOW_CAP = 1 << 25  # magnitudes kept from the windows of all tasks (128 MiB in float32)
+_TOP = 16  # bits of the magnitude's key that make a bucket
+_BUCKETS = 1 << _TOP
+
+
+def _magnitude_bits(flat: Tensor) -> tuple[Tensor, int]:
+    """The IEEE bits of |x| as integers (they sort as the magnitudes do) and their width."""
+    mags = flat.abs()
+    if mags.dtype == torch.float64:
+        return mags.view(torch.int64), 64
+    if mags.dtype == torch.float32:
+        return mags.view(torch.int32), 32
+    raise TypeError(f"TIES thresholds need float32 or float64 task vectors, not {mags.dtype}")
+
+
+@dataclass(frozen=True)
+class TiesWindow:
+    """Stage ``sample`` -> ``window``: per task the magnitudes [low, high] whose values are kept."""
+
+    keep_fraction: float
+    low: Tensor  # (T,)
+    high: Tensor  # (T,)
+
+
+@dataclass(frozen=True)
+class TiesSearch:
+    """Later stages: thresholds found (NaN where not yet), each missed task's rank and bucket."""
+
+    keep_fraction: float
+    thresholds: Tensor  # (T,), NaN where not found yet
+    rank: Tensor  # (T,) int64: the threshold's rank (among all, or within ``bucket`` once known)
+    bucket: Tensor | None = None  # (T,) int64: the top-16-bit bucket holding the threshold
+
+
+def sample_magnitudes(task_vectors: Tensor, ctx: UnitContext, given: Any) -> tuple[Tensor, float]:
+    """Map of stage ``sample``: up to _SAMPLE_PER_UNIT magnitudes per task, each standing for
+    ``weight`` magnitudes of the whole unit. -> ((T, m), weight)."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1).abs()
+    step = max(1, -(-flat.shape[1] // _SAMPLE_PER_UNIT))
+    picked = flat[:, ::step].clone()
+    whole = math.prod(ctx.shape) if ctx.shape else flat.shape[1]
+    return picked, whole / max(1, picked.shape[1])
+
+
+def place_window(keep_fraction: float, partials: Iterator[tuple[Tensor, float]]) -> TiesWindow:
+    """Fold of stage ``sample``: each task's window of magnitudes around its threshold's quantile."""
+    values, weights = [], []
+    for picked, weight in partials:
+        values.append(picked)
+        weights.append(torch.full((picked.shape[1],), weight, dtype=torch.float64))
+    flat, w = torch.cat(values, dim=1), torch.cat(weights)
+    effective = float(w.sum()) ** 2 / max(float((w * w).sum()), 1e-300)
+    margin = max(0.003, 5.0 / math.sqrt(max(effective, 1.0)))
+    target = 1.0 - keep_fraction
+    bounds = torch.tensor([max(0.0, target - margin), min(1.0, target + margin)], dtype=torch.float64)
+    lows, highs = [], []
+    for row in flat:
+        order = row.argsort()
+        cum = w[order].cumsum(0)
+        at = torch.searchsorted(cum / cum[-1], bounds).clamp(max=len(cum) - 1)
+        edge = row[order[at]]
+        lows.append(edge[0] if bounds[0] > 0 else row.new_zeros(()))
+        highs.append(edge[1] if bounds[1] < 1 else row.new_tensor(float("inf")))
+    return TiesWindow(keep_fraction, torch.stack(lows), torch.stack(highs))
+
+
+def window_values(
+    task_vectors: Tensor, ctx: UnitContext, given: TiesWindow
+) -> tuple[int, Tensor, list[Tensor]]:
+    """Map of stage ``window``: the unit's entries per task, how many magnitudes lie below ``low``,
+    and those inside [low, high]. -> (n, (T,) int64, T tensors)."""
+    mags = task_vectors.reshape(task_vectors.shape[0], -1).abs()
+    low, high = given.low.to(mags)[:, None], given.high.to(mags)[:, None]
+    above_low = mags >= low
+    below = mags.shape[1] - above_low.sum(1)
+    inside = above_low & (mags <= high)
+    return mags.shape[1], below, [row[keep] for row, keep in zip(mags, inside, strict=True)]
+
+
+def exact_from_window(given: TiesWindow, partials: Iterator[tuple[int, Tensor, list[Tensor]]]) -> TiesSearch:
+    """Fold of stage ``window``: the thresholds whose rank falls inside their window, exactly."""
+    n = 0
+    below: Tensor | None = None
+    kept: list[list[Tensor]] | None = []
+    held = 0
+    for entries, counts, inside in partials:
+        n += entries
+        below = counts if below is None else below + counts
+        if kept is not None:
+            held += sum(v.numel() for v in inside)
+            if held > _WINDOW_CAP:  # the windows are too wide for memory: exact passes instead
+                kept = None
+            else:
+                kept.append(inside)
+    if below is None:
+        raise ValueError("TIES thresholds need at least one unit")
+    rank = trim_rank(n, given.keep_fraction)
+    assert rank is not None  # these stages run only when something is trimmed
+    num_tasks = below.shape[0]
+    thresholds = torch.full((num_tasks,), float("nan"), dtype=given.low.dtype)
+    for t in range(num_tasks):
+        if kept is None:
+            break
+        values = torch.cat([unit[t] for unit in kept])
+        within = rank - int(below[t])
+        if 0 <= within < values.numel():
+            thresholds[t] = values.kthvalue(within + 1).values
+    return TiesSearch(given.keep_fraction, thresholds, torch.full((num_tasks,), rank, dtype=torch.int64))
+
+
+def bucket_counts(task_vectors: Tensor, ctx: UnitContext, given: TiesSearch) -> Tensor:
+    """Map of stage ``buckets``: per task the counts of the magnitudes' top-16-bit buckets. (T, 65536)."""
+    bits, width = _magnitude_bits(task_vectors.reshape(task_vectors.shape[0], -1))
+    return torch.stack(
+        [torch.bincount((row >> (width - _TOP)).to(torch.int64), minlength=_BUCKETS) for row in bits]
+    )
+
+
+def find_buckets(given: TiesSearch, partials: Iterator[Tensor]) -> TiesSearch:
+    """Fold of stage ``buckets``: each missed threshold's bucket and its rank within the bucket."""
+    total: Tensor | None = None
+    for counts in partials:
+        total = counts if total is None else total + counts
+    assert total is not None
+    buckets, ranks = torch.zeros_like(given.rank), given.rank.clone()
+    for t in range(total.shape[0]):
+        cum = total[t].cumsum(0)
+        rank = int(given.rank[t])
+        bucket = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
+        buckets[t] = bucket
+        ranks[t] = rank - (int(cum[bucket - 1]) if bucket else 0)
+    return TiesSearch(given.keep_fraction, given.thresholds, ranks, buckets)
+
+
+def boundary_values(task_vectors: Tensor, ctx: UnitContext, given: TiesSearch) -> list[Tensor]:
+    """Map of stage ``boundary``: per task whose threshold is not found, the magnitudes in its bucket."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    bits, width = _magnitude_bits(flat)
+    out = []
+    for t in range(flat.shape[0]):
+        if not bool(torch.isnan(given.thresholds[t])):
+            out.append(flat.new_empty(0))
+            continue
+        assert given.bucket is not None
+        top = (bits[t] >> (width - _TOP)).to(torch.int64)
+        out.append(flat[t].abs()[top == int(given.bucket[t])])
+    return out
+
+
+def exact_from_boundary(given: TiesSearch, partials: Iterator[list[Tensor]]) -> TiesStats:
+    """Fold of stage ``boundary``: the missed thresholds, each the rank-th value of its bucket."""
+    per_task: list[list[Tensor]] = [[] for _ in range(given.thresholds.shape[0])]
+    for values in partials:
+        for t, v in enumerate(values):
+            if v.numel():
+                per_task[t].append(v)
+    thresholds = given.thresholds.clone()
+    for t, chunks in enumerate(per_task):
+        if chunks:
+            bucket = torch.cat(chunks)
+            thresholds = thresholds.to(bucket.dtype)
+            thresholds[t] = bucket.kthvalue(int(given.rank[t]) + 1).values
+    return TiesStats(thresholds=thresholds, majority_sign=None)
+
+
+def sign_total(task_vectors: Tensor, ctx: UnitContext, given: TiesStats | TiesSearch | None) -> int:
+    """Map of stage ``sign``: Σ over the unit's entries of the elected sign s = sign(Σ_t trimmed_t)."""
+    thresholds = given.thresholds if given is not None else torch.zeros(())
+    summed = ctx.scratch.get(("ties-sum", id(thresholds)))  # the merge of this unit found it already
+    if summed is None:
+        summed = trim(task_vectors.reshape(task_vectors.shape[0], -1), thresholds).sum(0)
+    return int(torch.sign(summed).sum())
+
+
+def majority(given: TiesStats | None, partials: Iterator[int]) -> TiesStats:
+    """Fold of stage ``sign``: the sign of the total."""
+    thresholds = given.thresholds if given is not None else torch.zeros(())
+    return TiesStats(thresholds=thresholds, majority_sign=float(_sign(sum(partials))))
+
+
+def _missed(given: Any) -> bool:
+    return isinstance(given, TiesSearch) and bool(torch.isnan(given.thresholds).any())
+
+
+def _as_stats(given: Any) -> Any:
+    """A search whose thresholds are all found becomes statistics (majority still unknown)."""
+    if isinstance(given, TiesSearch):
+        return TiesStats(thresholds=given.thresholds, majority_sign=None)
+    if given is None:  # nothing is trimmed
+        return TiesStats(thresholds=torch.zeros(()), majority_sign=None)
+    return given
 
 
 def trim_rank(n: int, keep_fraction: float) -> int | None:
@@ -57,7 +272,12 @@ def trim(flat: Tensor, thresholds: Tensor) -> Tensor:
 
 def elect_sign(trimmed: Tensor, majority_sign: float | None = None) -> Tensor:
     """Step 2: s = sign(Σ_t trimmed_t); where s = 0, the sign of Σ s over the scope. (T, n) -> (n)."""
-    signs = torch.sign(trimmed.sum(0))  # (n)
+    return elect_from_sum(trimmed.sum(0), majority_sign)
+
+
+def elect_from_sum(summed: Tensor, majority_sign: float | None = None) -> Tensor:
+    """Step 2 from Σ_t trimmed_t (n): its sign, the majority sign where it is 0."""
+    signs = torch.sign(summed)  # (n)
     if majority_sign is None:
         majority_sign = float(torch.sign(signs.sum()))
     return torch.where(signs == 0, torch.full_like(signs, majority_sign), signs)
@@ -66,9 +286,10 @@ def elect_sign(trimmed: Tensor, majority_sign: float | None = None) -> Tensor:
 def disjoint_mean(trimmed: Tensor, signs: Tensor) -> Tensor:
     """Step 3: mean of the trimmed values agreeing with the elected sign (x > 0 where s > 0, x < 0
     where s ≤ 0), divided by max(1, count of such non-zeros). (T, n), (n) -> (n)."""
-    agree = torch.where(signs > 0, trimmed > 0, trimmed < 0)  # (T, n)
+    unit_sign = torch.where(signs > 0, 1.0, -1.0).to(trimmed)  # s ≤ 0 counts as negative
+    agree = (trimmed * unit_sign) > 0  # (T, n): x > 0 where s > 0, x < 0 elsewhere (never 0 or NaN)
     selected = trimmed * agree
-    return selected.sum(0) / (selected != 0).sum(0).clamp(min=1).to(trimmed.dtype)
+    return selected.sum(0) / agree.sum(0).clamp(min=1).to(trimmed.dtype)
 
 
 @register("ties")
@@ -87,37 +308,52 @@ class Ties(Method):
         "trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing values"
     )
 
-    def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> TiesStats:
-        """Pass 1–2: each task's exact threshold over all parameters; pass 3: Σ of the elected signs."""
+    def stages(self, p: Hyperparameters) -> list[Stage]:
+        """Global scope: a sample, one pass for the exact thresholds (two more only if the sample
+        misplaced a window), and the majority sign fused with the merge."""
         assert isinstance(p, TiesParams)
-
-        def magnitudes(task_vectors: Tensor, ctx: UnitContext) -> Tensor:
-            return task_vectors.reshape(task_vectors.shape[0], -1).abs()  # (T, n_unit)
-
-        def threshold_ranks(lengths: list[int]) -> list[list[int]]:
-            return [[n - int(n * p.keep_fraction) - 1] for n in lengths]  # k < 1: m < n
-
+        if p.scope != "global":
+            return []
+        sign = Stage(
+            "sign",
+            sign_total,
+            lambda given, parts: majority(_as_stats(given), parts),
+            fused=True,
+            pending=_as_stats,
+        )
         if p.keep_fraction >= 1:  # nothing is trimmed
-            thresholds = torch.zeros(())
-        else:
-            found = streamed_order_statistics(scan, magnitudes, threshold_ranks)
-            thresholds = torch.cat(found)  # (T,)
+            return [sign]
+        keep = p.keep_fraction
+        return [
+            Stage("sample", sample_magnitudes, lambda _, parts: place_window(keep, parts), sample=_SAMPLE),
+            Stage("window", window_values, exact_from_window),
+            Stage("buckets", bucket_counts, find_buckets, when=_missed),
+            Stage("boundary", boundary_values, exact_from_boundary, when=_missed),
+            sign,
+        ]
 
-        def sign_total(task_vectors: Tensor, ctx: UnitContext) -> int:
-            flat = task_vectors.reshape(task_vectors.shape[0], -1)
-            return int(torch.sign(trim(flat, thresholds).sum(0)).sum())
-
-        return TiesStats(thresholds=thresholds, majority_sign=float(_sign(sum(scan(sign_total)))))
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        assert isinstance(p, TiesParams)
+        return p.scope == "global"  # given the global thresholds and sign, entry by entry
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, TiesParams)
         flat = task_vectors.reshape(task_vectors.shape[0], -1)  # (T, n)
         if p.scope == "global" and isinstance(ctx.stats, TiesStats):
-            thresholds, majority = ctx.stats.thresholds, ctx.stats.majority_sign
+            thresholds, majority_sign = ctx.stats.thresholds, ctx.stats.majority_sign
+            trimmed = trim(flat, thresholds)  # (T, n)
+            summed = trimmed.sum(0)  # (n)
+            if majority_sign is None:  # the fused sign stage is still running: it reuses the sums
+                ctx.scratch[("ties-sum", id(thresholds))] = summed
+                majority_sign = 1.0
+                zero = (summed == 0).nonzero().squeeze(1)
+                if zero.numel() and bool((trimmed[:, zero] != 0).any()):
+                    raise Deferred  # an entry whose trimmed values cancel takes the majority sign
         else:  # scope="tensor": the same steps over this tensor alone
-            thresholds, majority = self._tensor_thresholds(flat, p.keep_fraction), None
-        trimmed = trim(flat, thresholds)  # (T, n)
-        merged = disjoint_mean(trimmed, elect_sign(trimmed, majority))  # (n)
+            thresholds, majority_sign = self._tensor_thresholds(flat, p.keep_fraction), None
+            trimmed = trim(flat, thresholds)  # (T, n)
+            summed = trimmed.sum(0)
+        merged = disjoint_mean(trimmed, elect_from_sum(summed, majority_sign))  # (n)
         return LamForm(offset=None, slope=merged.reshape(task_vectors.shape[1:]))
 
     @staticmethod

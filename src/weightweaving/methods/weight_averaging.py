@@ -29,6 +29,9 @@ class WeightAveraging(Method):
     paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
     summary = "mean of the fine-tuned weights (optionally weighted)"
 
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        return True  # entry by entry
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, WeightAveragingParams)
         check_weights(p.weights, task_vectors.shape[0], self.name)

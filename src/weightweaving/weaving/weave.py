@@ -8,6 +8,7 @@ linear or affine in λ is called once per group of points that differ only in λ
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..engine import Executor, Runner
 from ..errors import OptionError
 from ..methods import LamForm, UnitContext, get_method
 from ..methods.base import Scope
-from .pools import MethodPool, Pool, make_pool
+from .pools import MagMaxPool, MeanPool, MethodPool, Pool, make_pool
 from .search import Group, build_groups, parse_lambdas
 
 POOL_OVER = ("all", "merged")
@@ -56,8 +57,20 @@ class Weaver:
 
     def prepare(self, runner: Any) -> None:
         """First passes: each group's global statistics, then (for a global pool method) the pool's."""
-        self.stats = [method_stats(self.method, p, runner) for p in self.params]
-        if isinstance(self.pool, MethodPool) and self.pool.method.scope_of(self.pool.params) is Scope.GLOBAL:
+        member_stats = isinstance(self.pool, MethodPool) and (
+            self.pool.method.scope_of(self.pool.params) is Scope.GLOBAL
+        )
+        # a fused stage (TIES's sign) runs with the weave pass, unless the pool's own first passes
+        # need every member, and so every statistic, before it
+        runner.row_chunks = all(self.method.row_chunks(p) for p in self.params) and isinstance(
+            self.pool, (MeanPool, MagMaxPool)
+        )
+        self.stats = [None] * len(self.params)
+        for i, p in enumerate(self.params):
+            deliver = None if member_stats else functools.partial(self.stats.__setitem__, i)
+            self.stats[i] = method_stats(self.method, p, runner, deliver=deliver)
+        if member_stats:
+            assert isinstance(self.pool, MethodPool)
 
             def member_scan(fn: Any) -> list[Any]:
                 return runner.scan(lambda tv, ctx: fn(self.members(tv, ctx), ctx), desc="scanning members")
