@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (imported for registration)
     ties,
     tsv,
     weight_averaging,
+    wudi,
 )
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
 from .registry import get_method, list_methods, register
