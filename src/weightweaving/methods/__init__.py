@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (imported for registration)
     iso_cts,
     magmax,
     pcb,
+    svc,
     task_arithmetic,
     ties,
     tsv,

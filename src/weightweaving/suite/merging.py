@@ -56,6 +56,8 @@ def merge_family(
         slope = {k: at_two[k] - at_one[k] for k in pretrained}
         offset = {k: at_one[k] - pretrained[k] - slope[k] for k in pretrained}
         return lambda lam: {k: pretrained[k] + offset[k] + lam * slope[k] for k in pretrained}
+    if kind is LamKind.NONLINEAR:
+        return call  # no closed form: one merge per λ
     constant = call(1.0)
     return lambda lam: constant
 

@@ -2,7 +2,8 @@
 
 θ = θ_pre + P(A*) with A* = Δ ∪ {f(Δ, λ_i)} (``pool_over="all"``) or A = {f(Δ, λ_i)} (``"merged"``).
 Per parameter tensor, members are produced and folded into the pool straight away; a method that is
-linear or affine in λ is called once per group of points that differ only in λ.
+linear or affine in λ is called once per group of points that differ only in λ; a ``NONLINEAR`` one
+(SVC) once per point, each member folded before the next is made, so memory stays independent of L.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..api import method_stats, run_job, with_stats
 from ..checkpoints.open import Source
 from ..engine import Executor, Runner
 from ..errors import OptionError
-from ..methods import LamForm, UnitContext, get_method
+from ..methods import LamForm, LamKind, UnitContext, get_method
 from ..methods.base import Scope
 from .pools import MethodPool, Pool, make_pool
 from .search import Group, build_groups, parse_lambdas
@@ -71,9 +72,9 @@ class Weaver:
                 yield LamForm(offset=task_vectors[t], slope=None), (None,)
         for group, p, stats in zip(self.groups, self.params, self.stats, strict=True):
             unit_ctx = with_stats(ctx, stats)
-            if self.closed_form:
+            if self.closed_form and self.method.lam_kind is not LamKind.NONLINEAR:
                 yield self.method.compute(task_vectors, p, unit_ctx), group.lams
-            else:  # the general path: f evaluated afresh at every point
+            else:  # the general path: f evaluated afresh at every point, folded straight away
                 for lam in group.lams:
                     yield (
                         LamForm(offset=self.method.merge_unit(task_vectors, p, lam, unit_ctx), slope=None),
