@@ -120,6 +120,9 @@ class Method:
     # True when the method draws random numbers (DARE): results depend on the seed.
     stochastic: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    # Why the method has no deterministic oracle cases (tests/data/oracles/<name>/), starting with
+    # the kind of reason: "statistical: ...", "uses data: ...". None: it must have oracle cases.
+    oracle_exempt: ClassVar[str | None] = None
 
     def scope_of(self, p: Hyperparameters) -> Scope:
         """The scope for these hyperparameters (methods with a ``scope`` option override this)."""
