@@ -34,6 +34,7 @@ FLAGS = {
     "models": "models",
     "method": "method",
     "lam": "lambda",
+    "task_weights": "task_weights",
     "out": "out",
     "device": "device",
     "dtype": "dtype",
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help=_help("base"))
     m.add_argument("--models", nargs="+", metavar="PATH", help=_help("models"))
     m.add_argument("--method", help=_help("method"))
-    m.add_argument("--lambda", dest="lam", type=float, metavar="X", help=_help("lam"))
+    m.add_argument("--lambda", dest="lam", type=_lam, metavar="X", help=_help("lam"))
+    m.add_argument("--task-weights", type=_task_weights, metavar="SPEC", help=_help("task_weights"))
     m.add_argument(
         "--set",
         action="append",
@@ -359,6 +361,26 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
             weave["pool_hyperparameters"] = ph
         values["weave"] = weave
     return validate(values, source)
+
+
+def _lam(text: str) -> float | str:
+    """``--lambda``: a number, or ``auto:<rule>`` (a data-free estimate)."""
+    if text.strip().lower().startswith("auto:"):
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto:<rule>, got {text!r}") from None
+
+
+def _task_weights(text: str) -> str | list[float]:
+    """``--task-weights``: ``auto:<rule>`` or comma-separated numbers, one per fine-tuned model."""
+    if text.strip().lower().startswith("auto:"):
+        return text.strip()
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto:<rule> or numbers a,b,c, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

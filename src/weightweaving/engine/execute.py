@@ -62,6 +62,7 @@ class Runner:
         self.progress = progress
         self.extras = extras or {}
         self.passes = 0  # how many full passes over the checkpoints have been made (for benchmarks)
+        self.task_scales: list[float] | None = None  # Δ_t ← scale_t·Δ_t before any method sees it
 
     # -- reading ------------------------------------------------------------------------------------
     def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
@@ -74,6 +75,9 @@ class Runner:
             torch.sub(model.get(unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
         if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
             self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
+        if self.task_scales is not None:
+            scales = torch.tensor(self.task_scales, dtype=self.compute_dtype, device=self.device)
+            task_vectors.mul_(scales.reshape(-1, *[1] * len(unit.shape)))
         return base, task_vectors
 
     def _refuse_nonfinite(self, unit: Unit, task_vectors: Tensor) -> None:

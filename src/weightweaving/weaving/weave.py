@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..api import method_stats, run_job, with_stats
+from ..api import method_stats, run_job, scale_task_vectors, with_stats
 from ..checkpoints.open import Source
 from ..engine import Executor, Runner
 from ..errors import OptionError
@@ -115,6 +115,7 @@ def weave(
     points: Sequence[Mapping[str, Any]] | None = None,
     pool_hyperparameters: dict[str, Any] | None = None,
     closed_form: bool = True,
+    task_weights: str | Sequence[float] | None = None,
     out: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
@@ -147,6 +148,8 @@ def weave(
         search: a grid over other hyperparameters, e.g. ``{"k": [0.1, 0.2]}`` (product with Λ).
         points: explicit hyperparameter sets instead of a grid; each may carry its own ``lam``.
         closed_form: fold whole λ groups at once (default); ``False`` evaluates the method per point.
+        task_weights: scale each Δ_t before everything else (members included): numbers, or
+            ``"auto:metagpt"`` / ``"auto:nan"`` (data-free estimates times T, see ``merge``).
         **hyperparameters: fixed hyperparameters of the method; other keywords as in ``merge``.
 
     Returns:
@@ -168,10 +171,11 @@ def weave(
     weaver = Weaver(method, groups, make_pool(pool, pool_hyperparameters), pool_over, closed_form=closed_form)
 
     def prepare(runner: Runner) -> Weaver:
+        scale_task_vectors(runner, task_weights, record)
         weaver.prepare(runner)
         return weaver
 
-    record = {
+    record: dict[str, Any] = {
         "operation": "weave",
         "method": method,
         "hyperparameters": dict(hyperparameters),
