@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="λ search space: start:stop:step or a,b,c (default: the paper's range)",
     )
-    w.add_argument("--pool", help="mean (default), random, magmax, or a method name")
+    w.add_argument(
+        "--pool",
+        help="mean (default), random, magmax, trimmed_mean, median, agreement, fitted_lambda, "
+        "calibrated, or a method name",
+    )
     w.add_argument(
         "--pool-set",
         action="append",
