@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     meth = sub.add_parser("methods", help="list the merge methods, their hyperparameters and λ ranges")
     meth.add_argument("name", nargs="?", help="show one method only")
+    meth.add_argument("--markdown", action="store_true", help="print the README's methods table")
     _common(meth)
 
     s = sub.add_parser(
@@ -397,15 +398,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _print_methods(name: str | None) -> None:
+def _print_methods(name: str | None, *, markdown: bool = False) -> None:
     from .methods import get_method, list_methods
 
+    if markdown:
+        from .methods.table import methods_table
+
+        print(methods_table())
+        return
     names = [name] if name else list_methods()
     for n in names:
         method = get_method(n)
         lam = "no λ" if method.default_lam is None else f"default λ {method.default_lam}"
         print(f"{n}: {method.summary}")
         print(f"    λ: {method.lam_kind.value}, {lam}; scope: {method.scope.value}")
+        print(f"    data-free: {'yes' if method.data_free else 'no'}; reference: {method.reference or '—'}")
+        print(f"    reported (CLIP): {method.reported or '—'}")
         if method.paper_lam_ranges:
             ranges = ", ".join(f"{k} {a}–{b}" for k, (a, b) in method.paper_lam_ranges.items())
             print(f"    paper λ ranges: {ranges}")
@@ -459,7 +467,7 @@ def _main(argv: Sequence[str] | None) -> int:
             out = run_options(options)
             print(f"wrote {out}")
         elif args.command == "methods":
-            _print_methods(args.name)
+            _print_methods(args.name, markdown=args.markdown)
         elif args.command == "suite":
             _run_suite(args)
         elif args.command == "convert":

@@ -120,6 +120,12 @@ class Method:
     # True when the method draws random numbers (DARE): results depend on the seed.
     stochastic: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
+    # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and
+    # the reference repository its spec was checked against (ALGORITHMS.md).
+    data_free: ClassVar[bool] = True
+    reported: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
     # Why the method has no deterministic oracle cases (tests/data/oracles/<name>/), starting with
     # the kind of reason: "statistical: ...", "uses data: ...". None: it must have oracle cases.
     oracle_exempt: ClassVar[str | None] = None

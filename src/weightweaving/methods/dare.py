@@ -84,6 +84,9 @@ class Dare(Method):
         "tests/methods/test_dare.py checks by its statistics"
     )
     summary = "randomly drop task-vector entries (rate p), rescale the rest, merge with a base method"
+    data_free = True
+    reported = "— (no figures in the spec's reported table)"
+    reference = "yule-BUAA/MergeLM"
 
     def _base(self, p: DareParams) -> tuple[Method, Hyperparameters]:
         method = get_method(p.base)

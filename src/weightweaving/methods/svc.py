@@ -111,6 +111,9 @@ class Svc(Method):
     single_model_identity = True  # T = 1 over Task Arithmetic: every s_r is 1 and alpha = 1
     order_invariant = True
     summary = "singular value calibration of another method's merge: shrink over-counted directions"
+    data_free = True
+    reported = "no per-setting figures; the authors claim +13.0 % over Task Arithmetic"
+    reference = "lyymuwu/SVC"
 
     def parse_params(self, values: dict[str, Any] | None = None) -> Hyperparameters:
         """SVC's own hyperparameters; every other name is the base method's (passed flat)."""

@@ -86,6 +86,9 @@ class Ties(Method):
     summary = (
         "trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing values"
     )
+    data_free = True
+    reported = "Weight Weaving Table 2, mean of 9 cells: λ = 1 68.39, woven 71.21; 8 tasks: ViT-B/32 72.4, ViT-L/14 86.0 (WUDI README)"
+    reference = "prateeky2806/ties-merging"
 
     def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> TiesStats:
         """Pass 1–2: each task's exact threshold over all parameters; pass 3: Σ of the elected signs."""
