@@ -122,7 +122,7 @@ class Method:
     summary: ClassVar[str] = ""
     # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
     # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and
-    # the reference repository its spec was checked against (ALGORITHMS.md).
+    # the reference repository its spec was checked against (docs/algorithms.md).
     data_free: ClassVar[bool] = True
     reported: ClassVar[str] = ""
     reference: ClassVar[str] = ""

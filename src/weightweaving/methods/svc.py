@@ -25,7 +25,7 @@ from .steps import check_regex, is_weight_matrix, name_matches, thin_svd
 log = logging.getLogger("weightweaving")
 
 # Bases with a flat spectrum: their singular vectors are not unique, so the calibration depends on
-# the basis the platform's SVD routine returns (ALGORITHMS.md, `svc`, ill-posed bases).
+# the basis the platform's SVD routine returns (docs/algorithms.md, `svc`).
 FLAT_SPECTRUM_BASES = ("iso_c", "iso_cts")
 
 
