@@ -354,12 +354,39 @@ def _clip_provenance(plan: Any) -> dict[str, Any]:
     }
 
 
+def apply_estimators(
+    runner: Runner, method: Method, p: Hyperparameters, rule: str | None, record: dict[str, Any]
+) -> Hyperparameters:
+    """``--lambda auto:<rule>`` for a method with per-task ``weights``: estimate them (one scan)."""
+    if rule is None:
+        return p
+    from .weaving.estimators import estimate
+
+    weights = estimate(rule, runner.scan)
+    record["estimated_weights"] = {"rule": rule, "weights": weights}
+    return method.parse_params({**p.model_dump(), "weights": weights})
+
+
+def scale_task_vectors(runner: Runner, spec: str | Sequence[float] | None, record: dict[str, Any]) -> None:
+    """The generic ``task_weights`` option: Δ_t ← w_t·Δ_t for every later pass of the runner."""
+    from .weaving.estimators import resolve_task_weights
+
+    scales = resolve_task_weights(spec, runner.scan, len(runner.models))
+    if scales is not None:
+        runner.task_scales = scales
+        record["task_weights"] = {
+            "given": spec if isinstance(spec, str) else list(spec or []),
+            "scales": scales,
+        }
+
+
 def merge(
     pretrained: Source,
     finetuned: Sequence[Source],
     method: str = "task_arithmetic",
-    lam: float | None = None,
+    lam: float | str | None = None,
     *,
+    task_weights: str | Sequence[float] | None = None,
     out: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
@@ -386,7 +413,14 @@ def merge(
         pretrained: the pre-trained checkpoint: a path (file or folder) or a state dict.
         finetuned: the fine-tuned checkpoints, paths or state dicts, all of the base's architecture.
         method: a registered method name (``weightweaving.list_methods()``).
-        lam: the scaling factor λ; ``None`` takes the method's data-free default.
+        lam: the scaling factor λ; ``None`` takes the method's data-free default. ``"auto:metagpt"``
+            or ``"auto:nan"`` estimates per-task coefficients from the task vectors' norms
+            (``weightweaving.weaving.estimators``): methods with per-task ``weights`` (Task
+            Arithmetic, weight averaging) take them as those weights at λ = 1 (Task Arithmetic then
+            gives exactly MetaGPT's ``Σ_t λ_t τ_t``); every other method takes them as
+            ``task_weights`` at its default λ.
+        task_weights: scale each Δ_t before the method: a list of numbers, or ``"auto:<rule>"``
+            (the rule's weights times T, so their mean is 1).
         out: write a Hugging Face-style folder there instead of returning a state dict.
         device: ``"cpu"`` or ``"cuda"``; dtype: output dtype (default: the base's, per tensor).
         compute_dtype: ``float32`` (default) or ``float64``.
@@ -411,25 +445,38 @@ def merge(
         >>> merged["w"]
         tensor([0.5000, 1.0000])
     """
+    from .weaving.estimators import parse_auto
+
     chosen = get_method(method)
     p = chosen.parse_params(hyperparameters)
-    lam = chosen.default_lam if lam is None else lam
-    if lam is not None and not math.isfinite(lam):
-        raise OptionError(f"--lambda {lam} is not a finite number")
-    chosen.check_lam(lam)
-
-    def prepare(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
-        found: dict[str, Any] = {}
-        runner.row_chunks = chosen.row_chunks(p)
-        found["stats"] = method_stats(chosen, p, runner, deliver=lambda s: found.update(stats=s))
-        return lambda tv, ctx: chosen.merge_unit(tv, p, lam, with_stats(ctx, found["stats"]))
-
-    record = {
+    rule = parse_auto(lam)
+    if isinstance(lam, str) and rule is None:
+        raise OptionError(f"--lambda '{lam}' is neither a number nor auto:<rule>")
+    takes_weights = rule is not None and "weights" in chosen.params.model_fields
+    if takes_weights and hyperparameters.get("weights") is not None:
+        raise OptionError(f"--lambda {lam} estimates the 'weights' of '{method}'; do not give them too")
+    if rule is not None and not takes_weights and task_weights is not None:
+        raise OptionError(f"--lambda {lam} sets the task weights of '{method}'; do not give task_weights too")
+    number = chosen.default_lam if lam is None or rule is not None else float(lam)
+    if number is not None and not math.isfinite(number):
+        raise OptionError(f"--lambda {number} is not a finite number")
+    chosen.check_lam(number)
+    record: dict[str, Any] = {
         "operation": "merge",
         "method": method,
-        "lambda": lam,
+        "lambda": lam if rule is not None else number,
         "hyperparameters": p.model_dump(mode="json"),
     }
+
+    def prepare(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
+        params = apply_estimators(runner, chosen, p, rule if takes_weights else None, record)
+        weights_spec = f"auto:{rule}" if rule is not None and not takes_weights else task_weights
+        scale_task_vectors(runner, weights_spec, record)
+        found: dict[str, Any] = {}
+        runner.row_chunks = chosen.row_chunks(params)
+        found["stats"] = method_stats(chosen, params, runner, deliver=lambda s: found.update(stats=s))
+        return lambda tv, ctx: chosen.merge_unit(tv, params, number, with_stats(ctx, found["stats"]))
+
     return run_job(
         pretrained,
         finetuned,

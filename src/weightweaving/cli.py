@@ -34,6 +34,7 @@ FLAGS = {
     "models": "models",
     "method": "method",
     "lam": "lambda",
+    "task_weights": "task_weights",
     "out": "out",
     "device": "device",
     "dtype": "dtype",
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help=_help("base"))
     m.add_argument("--models", nargs="+", metavar="PATH", help=_help("models"))
     m.add_argument("--method", help=_help("method"))
-    m.add_argument("--lambda", dest="lam", type=float, metavar="X", help=_help("lam"))
+    m.add_argument("--lambda", dest="lam", type=_lam, metavar="X", help=_help("lam"))
+    m.add_argument("--task-weights", type=_task_weights, metavar="SPEC", help=_help("task_weights"))
     m.add_argument(
         "--set",
         action="append",
@@ -134,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="λ search space: start:stop:step or a,b,c (default: the paper's range)",
     )
-    w.add_argument("--pool", help="mean (default), random, magmax, or a method name")
+    w.add_argument(
+        "--pool",
+        help="mean (default), random, magmax, trimmed_mean, median, agreement, fitted_lambda, "
+        "calibrated, or a method name",
+    )
     w.add_argument(
         "--pool-set",
         action="append",
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     meth = sub.add_parser("methods", help="list the merge methods, their hyperparameters and λ ranges")
     meth.add_argument("name", nargs="?", help="show one method only")
+    meth.add_argument("--markdown", action="store_true", help="print the README's methods table")
     _common(meth)
 
     s = sub.add_parser(
@@ -361,6 +368,26 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
     return validate(values, source)
 
 
+def _lam(text: str) -> float | str:
+    """``--lambda``: a number, or ``auto:<rule>`` (a data-free estimate)."""
+    if text.strip().lower().startswith("auto:"):
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto:<rule>, got {text!r}") from None
+
+
+def _task_weights(text: str) -> str | list[float]:
+    """``--task-weights``: ``auto:<rule>`` or comma-separated numbers, one per fine-tuned model."""
+    if text.strip().lower().startswith("auto:"):
+        return text.strip()
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto:<rule> or numbers a,b,c, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -371,15 +398,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _print_methods(name: str | None) -> None:
+def _print_methods(name: str | None, *, markdown: bool = False) -> None:
     from .methods import get_method, list_methods
 
+    if markdown:
+        from .methods.table import methods_table
+
+        print(methods_table())
+        return
     names = [name] if name else list_methods()
     for n in names:
         method = get_method(n)
         lam = "no λ" if method.default_lam is None else f"default λ {method.default_lam}"
         print(f"{n}: {method.summary}")
         print(f"    λ: {method.lam_kind.value}, {lam}; scope: {method.scope.value}")
+        print(f"    data-free: {'yes' if method.data_free else 'no'}; reference: {method.reference or '—'}")
+        print(f"    reported (CLIP): {method.reported or '—'}")
         if method.paper_lam_ranges:
             ranges = ", ".join(f"{k} {a}–{b}" for k, (a, b) in method.paper_lam_ranges.items())
             print(f"    paper λ ranges: {ranges}")
@@ -433,7 +467,7 @@ def _main(argv: Sequence[str] | None) -> int:
             out = run_options(options)
             print(f"wrote {out}")
         elif args.command == "methods":
-            _print_methods(args.name)
+            _print_methods(args.name, markdown=args.markdown)
         elif args.command == "suite":
             _run_suite(args)
         elif args.command == "convert":

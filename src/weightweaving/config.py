@@ -60,7 +60,15 @@ class MergeOptions(BaseModel):
     base: str = Field(description="pre-trained checkpoint (file or folder)")
     models: list[str] = Field(min_length=1, description="fine-tuned checkpoints")
     method: str = Field("task_arithmetic", description="merge method (see `weightweaving methods`)")
-    lam: float | None = Field(None, alias="lambda", description="λ (default: the method's data-free default)")
+    lam: float | str | None = Field(
+        None,
+        alias="lambda",
+        description="λ (default: the method's data-free default), or auto:metagpt / auto:nan: per-task "
+        "coefficients from the task vectors' norms",
+    )
+    task_weights: str | list[float] | None = Field(
+        None, description="scale each task vector first: a list, or auto:metagpt / auto:nan (mean 1)"
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="the method's hyperparameters")
     out: str = Field(description="output folder")
     device: str = Field("cpu", description="cpu or cuda")
@@ -189,6 +197,7 @@ def run_options(options: MergeOptions, *, progress: bool | None = None) -> Path:
         progress=progress,
         vocab=options.vocab,
         out_lora=options.out_lora,
+        task_weights=options.task_weights,
     )
     if options.weave is None:
         result = merge(

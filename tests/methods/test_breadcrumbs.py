@@ -8,21 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import weightweaving
-from tests.oracles import assert_matches, case_paths, load_case
 from weightweaving.errors import OptionError
 from weightweaving.methods import get_method
 from weightweaving.methods.breadcrumbs import middle_band
-
-
-@pytest.mark.parametrize("path", case_paths("breadcrumbs"), ids=lambda p: p.stem)
-def test_oracle_through_api(path):
-    case = load_case(path)
-    hp = case.hyperparameters
-    seed = hp.pop("seed", 0)
-    got = weightweaving.merge(
-        case.pretrained, case.tasks, method="breadcrumbs", lam=case.meta["lam"], seed=seed, **hp
-    )
-    assert_matches(case, got)
 
 
 def mergekit_band(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -6,18 +6,8 @@ import pytest
 import torch
 
 import weightweaving
-from tests.oracles import assert_matches, case_paths, load_case
 from weightweaving.errors import OptionError
 from weightweaving.methods import get_method
-
-
-@pytest.mark.parametrize("path", case_paths("iso_c"), ids=lambda p: p.stem)
-def test_oracle_through_api(path):
-    case = load_case(path)
-    got = weightweaving.merge(
-        case.pretrained, case.tasks, method="iso_c", lam=case.meta["lam"], **case.hyperparameters
-    )
-    assert_matches(case, got)
 
 
 def test_spectrum_of_the_sum_is_flattened_to_its_mean():

@@ -6,19 +6,9 @@ import pytest
 import torch
 
 import weightweaving
-from tests.oracles import assert_matches, case_paths, load_case
 from weightweaving.errors import OptionError
 from weightweaving.methods import get_method
 from weightweaving.methods.iso_cts import iso_cts_merge, split_slots
-
-
-@pytest.mark.parametrize("path", case_paths("iso_cts"), ids=lambda p: p.stem)
-def test_oracle_through_api(path):
-    case = load_case(path)
-    got = weightweaving.merge(
-        case.pretrained, case.tasks, method="iso_cts", lam=case.meta["lam"], **case.hyperparameters
-    )
-    assert_matches(case, got)
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,9 @@ import pytest
 import torch
 
 import weightweaving
-from tests.oracles import assert_matches, case_paths, load_case
 from weightweaving.errors import OptionError
 from weightweaving.methods import get_method
 from weightweaving.methods.magmax import max_magnitude
-
-
-@pytest.mark.parametrize("path", case_paths("magmax"), ids=lambda p: p.stem)
-def test_oracle_through_api(path):
-    case = load_case(path)
-    hp = case.hyperparameters
-    seed = hp.pop("seed", 0)
-    got = weightweaving.merge(
-        case.pretrained, case.tasks, method="magmax", lam=case.meta["lam"], seed=seed, **hp
-    )
-    assert_matches(case, got)
 
 
 def reference_fold(task_vectors: torch.Tensor) -> torch.Tensor:

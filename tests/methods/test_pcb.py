@@ -12,9 +12,9 @@ from weightweaving.methods import UnitContext, get_method
 from weightweaving.methods.pcb import PcbParams
 
 
-@pytest.mark.parametrize("compute_dtype", ["float32", "float64"])
 @pytest.mark.parametrize("path", case_paths("pcb"), ids=lambda p: p.stem)
-def test_oracle_through_api(path, compute_dtype):
+def test_oracle_in_float64(path, compute_dtype="float64"):
+    """Also in float64 compute (float32 runs in tests/methods/test_oracles_registry.py)."""
     case = load_case(path)
     hp = case.hyperparameters
     seed = hp.pop("seed", 0)

@@ -22,7 +22,7 @@ FLAG_CASES = {
     "nan_lambda": (["--lambda", "nan"], "--lambda nan is not a finite number"),
     "lambda_not_a_number": (
         ["--lambda", "abc"],
-        "argument --lambda: invalid float value: 'abc' (see 'weightweaving merge --help')",
+        "argument --lambda: expected a number or auto:<rule>, got 'abc' (see 'weightweaving merge --help')",
     ),
     "ties_k_zero": (
         ["--method", "ties", "--set", "k=0"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import weightweaving
-from tests.oracles import assert_matches, case_paths, load_case
+from tests.oracles import case_paths, load_case
 
 ALL = case_paths("weave")
 DETERMINISTIC = [p for p in ALL if load_case(p).meta["kind"] == "weave"]
@@ -28,12 +28,6 @@ def _weave(case, **kw):
         **hp,
         **kw,
     )
-
-
-@pytest.mark.parametrize("path", DETERMINISTIC, ids=lambda p: p.stem)
-def test_weave_matches_oracle(path):
-    case = load_case(path)
-    assert_matches(case, _weave(case))
 
 
 @pytest.mark.parametrize("path", DETERMINISTIC, ids=lambda p: p.stem)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..api import method_stats, open_job, with_stats
+from ..api import merge, method_stats, open_job, with_stats
 from ..checkpoints.open import Source
-from ..methods import get_method
+from ..methods import LamKind, get_method
 from ..weaving.search import parse_lambdas
 
 
@@ -44,6 +44,23 @@ def lam_sweep(
     lams = parse_lambdas(lambdas) or []
     for lam in lams:
         chosen.check_lam(lam)
+    if chosen.lam_kind is LamKind.NONLINEAR:  # no offset + λ·slope form: one merge per λ
+        for lam in lams:
+            at_lam = merge(
+                pretrained,
+                finetuned,
+                method,
+                lam,
+                device=device,
+                seed=seed,
+                include=include,
+                exclude=exclude,
+                progress=progress,
+                **hyperparameters,
+            )
+            assert isinstance(at_lam, dict)
+            yield lam, {name: tensor.cpu() for name, tensor in at_lam.items()}
+        return
     job = open_job(
         pretrained,
         finetuned,

@@ -81,6 +81,7 @@ class Runner:
         # says each row's result depends only on that row (Method.row_chunks); set per merge
         self.row_chunks = False
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        self.task_scales: list[float] | None = None  # Δ_t ← scale_t·Δ_t before any method sees it
 
     # -- reading ------------------------------------------------------------------------------------
     def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
@@ -93,7 +94,14 @@ class Runner:
             torch.sub(model.get(unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
         if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
             self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
-        return base, task_vectors
+        return base, self._scaled(task_vectors)
+
+    def _scaled(self, task_vectors: Tensor) -> Tensor:
+        """Apply :attr:`task_scales` (in place) to task vectors (T, ...) of a unit or of its rows."""
+        if self.task_scales is not None:
+            scales = torch.tensor(self.task_scales, dtype=self.compute_dtype, device=self.device)
+            task_vectors.mul_(scales.reshape(-1, *[1] * (task_vectors.dim() - 1)))
+        return task_vectors
 
     def load_sample(self, unit: Unit, fraction: float) -> Tensor:
         """Task vectors of about ``fraction`` of the unit's rows, evenly spread: (T, r, *rest).
@@ -115,7 +123,7 @@ class Runner:
             torch.sub(rows_i.to(self.device, self.compute_dtype), base, out=out[i])
         if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
             self.load(unit)  # names the culprit
-        return out
+        return self._scaled(out)
 
     def _refuse_nonfinite(self, unit: Unit, task_vectors: Tensor) -> None:
         """Name the checkpoint that holds NaN or Inf (looked up only once a unit has failed the check)."""
@@ -269,7 +277,7 @@ class Runner:
             torch.sub(rows, base, out=task_vectors[i])
         if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
             self.load(unit)  # names the culprit
-        return base, task_vectors
+        return base, self._scaled(task_vectors)
 
     def run_pieces(
         self, unit_fn: UnitFn, desc: str = "merging"

@@ -8,10 +8,12 @@ from . import (  # noqa: F401  (imported for registration)
     iso_cts,
     magmax,
     pcb,
+    svc,
     task_arithmetic,
     ties,
     tsv,
     weight_averaging,
+    wudi,
 )
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext
 from .registry import get_method, list_methods, register

@@ -43,6 +43,7 @@ class LamKind(str, enum.Enum):
     LINEAR = "linear"  # M(λ) = λ·g(Δ)
     AFFINE = "affine"  # M(λ) = a(Δ) + λ·b(Δ)
     NONE = "none"  # no λ: M = a(Δ)
+    NONLINEAR = "nonlinear"  # M(λ) = f(Δ, λ) with no closed form: evaluated afresh at every λ
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,15 @@ class Method:
     # True when the method draws random numbers (DARE): results depend on the seed.
     stochastic: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
+    # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and
+    # the reference repository its spec was checked against (docs/algorithms.md).
+    data_free: ClassVar[bool] = True
+    reported: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    # Why the method has no deterministic oracle cases (tests/data/oracles/<name>/), starting with
+    # the kind of reason: "statistical: ...", "uses data: ...". None: it must have oracle cases.
+    oracle_exempt: ClassVar[str | None] = None
 
     def scope_of(self, p: Hyperparameters) -> Scope:
         """The scope for these hyperparameters (methods with a ``scope`` option override this)."""
@@ -193,6 +203,11 @@ class Method:
         """The merged task vector of one unit. ``task_vectors``: (T, *shape), float, read-only."""
         raise NotImplementedError  # pragma: no cover - every registered method overrides it
 
+    def compute_at(self, task_vectors: Tensor, p: Hyperparameters, lam: float, ctx: UnitContext) -> Tensor:
+        """The merged task vector of one unit at one λ: what a ``NONLINEAR`` method implements
+        instead of :meth:`compute` (it has no ``offset + λ·slope`` form)."""
+        raise NotImplementedError  # pragma: no cover - every non-linear method overrides it
+
     # -- helpers for the rest of the library ------------------------------------------------------
     def parse_params(self, values: dict[str, Any] | None = None) -> Hyperparameters:
         """Validate hyperparameters, raising :class:`OptionError` that names the option."""
@@ -216,7 +231,9 @@ class Method:
     def merge_unit(
         self, task_vectors: Tensor, p: Hyperparameters, lam: float | None, ctx: UnitContext
     ) -> Tensor:
-        """``compute`` evaluated at one λ."""
+        """``compute`` evaluated at one λ (``compute_at`` for a method not linear or affine in λ)."""
+        if self.lam_kind is LamKind.NONLINEAR:
+            return self.compute_at(task_vectors, p, 1.0 if lam is None else lam, ctx)
         form = self.compute(task_vectors, p, ctx)
         return form.at(1.0 if lam is None else lam)
 

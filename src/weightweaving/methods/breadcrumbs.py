@@ -71,6 +71,9 @@ class Breadcrumbs(Method):
     single_model_identity = False
     order_invariant = True
     summary = "sum of the task vectors, each masked to keep the middle band of magnitudes (no outliers, no small values)"
+    data_free = True
+    reported = "Weight Weaving Table 2, mean of 9 cells: λ = 1 52.17, woven 68.11"
+    reference = "rezazzr/breadcrumbs; arcee-ai/mergekit"
 
     def row_chunks(self, p: Hyperparameters) -> bool:
         assert isinstance(p, BreadcrumbsParams)

@@ -79,7 +79,14 @@ class Dare(Method):
     single_model_identity = False
     order_invariant = False  # task t's mask depends on its index
     stochastic = True
+    oracle_exempt = (
+        "statistical: random masks; its oracle cases state an expectation over seeds, which "
+        "tests/methods/test_dare.py checks by its statistics"
+    )
     summary = "randomly drop task-vector entries (rate p), rescale the rest, merge with a base method"
+    data_free = True
+    reported = "— (no figures in the spec's reported table)"
+    reference = "yule-BUAA/MergeLM"
 
     def _base(self, p: DareParams) -> tuple[Method, Hyperparameters]:
         method = get_method(p.base)

@@ -42,6 +42,9 @@ class IsoCTS(Method):
     single_model_identity = False  # flattening the spectrum changes even a single task vector
     order_invariant = True
     summary = "isotropic merging in the common subspace plus task-specific subspaces"
+    data_free = True
+    reported = "— (no figures in the spec's reported table)"
+    reference = "danielm1405/iso-merging"
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, IsoCTSParams)

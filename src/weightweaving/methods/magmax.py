@@ -35,6 +35,9 @@ class MagMax(Method):
     single_model_identity = False  # default λ = 0.5
     order_invariant = False  # equal magnitudes of opposite sign: the later task wins
     summary = "per entry, the task-vector value of largest magnitude"
+    data_free = True
+    reported = "Weight Weaving Table 2, mean of 9 cells: λ = 1 60.14, woven 69.77"
+    reference = "danielm1405/magmax"
 
     def row_chunks(self, p: Hyperparameters) -> bool:
         return True  # entry by entry

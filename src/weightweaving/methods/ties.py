@@ -307,6 +307,9 @@ class Ties(Method):
     summary = (
         "trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing values"
     )
+    data_free = True
+    reported = "Weight Weaving Table 2, mean of 9 cells: λ = 1 68.39, woven 71.21; 8 tasks: ViT-B/32 72.4, ViT-L/14 86.0 (WUDI README)"
+    reference = "prateeky2806/ties-merging"
 
     def stages(self, p: Hyperparameters) -> list[Stage]:
         """Global scope: a sample, one pass for the exact thresholds (two more only if the sample

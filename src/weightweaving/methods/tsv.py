@@ -39,6 +39,9 @@ class TSV(Method):
     single_model_identity = True  # T = 1 keeps the full rank: Δ back up to float rounding
     order_invariant = True
     summary = "task singular vectors: each task's top 1/T of its SVD, decorrelated by polar factors"
+    data_free = True
+    reported = "Weight Weaving Table 2, mean of 9 cells: λ = 1 73.11, woven 74.01; MTL λ = 1: 83.60 / 87.23 / 90.47 (B/32, B/16, L/14)"
+    reference = "AntoAndGar/task_singular_vectors"
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, TSVParams)

@@ -28,6 +28,9 @@ class WeightAveraging(Method):
     default_lam = None
     paper_lam_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
     summary = "mean of the fine-tuned weights (optionally weighted)"
+    data_free = True
+    reported = "CART README, 8/14/20 tasks: ViT-B/32 65.9 / 64.3 / 61.0, ViT-L/14 79.6 / 76.8 / 71.7"
+    reference = "plain mean (baseline in JH-GEECS/CART)"
 
     def row_chunks(self, p: Hyperparameters) -> bool:
         return True  # entry by entry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,12 +21,24 @@ log = logging.getLogger("weightweaving.suite")
 StateDict = dict[str, Tensor]
 
 
+def resolve(label: str) -> tuple[str, dict[str, Any]]:
+    """The registered method and hyperparameters behind a suite label (``svc_tsv`` = svc over TSV)."""
+    from .profiles import METHOD_SPECS
+
+    method, hyperparameters = METHOD_SPECS.get(label, (label, {}))
+    return method, dict(hyperparameters)
+
+
 def paper_grid(method: str, setup: str, stride: int = 1) -> list[float]:
     """The paper's λ grid for ``method`` in ``setup`` (step 0.1, ends included), every ``stride``-th point.
 
-    λ = 1 is always included (it is the data-free setting the suite reports).
+    λ = 1 is always included (it is the data-free setting the suite reports). SVC's λ is its base's,
+    so it takes its base's range.
     """
-    a, b = weightweaving.get_method(method).paper_lam_ranges[setup]
+    name, hyperparameters = resolve(method)
+    if name == "svc":
+        name = str(hyperparameters.get("base", "task_arithmetic"))
+    a, b = weightweaving.get_method(name).paper_lam_ranges[setup]
     grid = [round(a + i * 0.1, 10) for i in range(round((b - a) / 0.1) + 1)]
     picked = grid[::stride]
     if grid[-1] not in picked:
@@ -39,11 +52,14 @@ def merge_family(
     pretrained: StateDict, finetuned: Sequence[StateDict], method: str, seed: int
 ) -> Callable[[float], StateDict]:
     """λ -> merged state dict, with as few library merges as the method's λ-form allows."""
-    kind = weightweaving.get_method(method).lam_kind
+    name, hyperparameters = resolve(method)
+    kind = weightweaving.get_method(name).lam_kind
     models = list(finetuned)
 
     def call(lam: float) -> StateDict:
-        merged = weightweaving.merge(pretrained, models, method=method, lam=lam, seed=seed, progress=False)
+        merged = weightweaving.merge(
+            pretrained, models, method=name, lam=lam, seed=seed, progress=False, **hyperparameters
+        )
         assert isinstance(merged, dict)
         return merged
 
@@ -56,6 +72,8 @@ def merge_family(
         slope = {k: at_two[k] - at_one[k] for k in pretrained}
         offset = {k: at_one[k] - pretrained[k] - slope[k] for k in pretrained}
         return lambda lam: {k: pretrained[k] + offset[k] + lam * slope[k] for k in pretrained}
+    if kind is LamKind.NONLINEAR:
+        return call  # no closed form: one merge per λ
     constant = call(1.0)
     return lambda lam: constant
 
@@ -76,15 +94,17 @@ def weave(
     """
     models = list(finetuned)
     if hasattr(weightweaving, "weave"):
+        name, hyperparameters = resolve(method)
         woven = weightweaving.weave(
             pretrained,
             models,
-            method=method,
+            method=name,
             lambdas=list(lambdas),
             pool=pool,
             pool_over="all",
             seed=seed,
             progress=False,
+            **hyperparameters,
         )
         assert isinstance(woven, dict)
         return woven
@@ -123,7 +143,7 @@ def _closed_form_weave(
 def available_methods(wanted: Sequence[str]) -> list[str]:
     """The wanted methods that this build registers; the others are skipped with a logged note."""
     registered = set(weightweaving.list_methods())
-    missing = [m for m in wanted if m not in registered]
+    missing = [m for m in wanted if resolve(m)[0] not in registered]
     if missing:
         log.warning("skipping methods not registered in this build: %s", ", ".join(missing))
-    return [m for m in wanted if m in registered]
+    return [m for m in wanted if m not in missing]

@@ -123,7 +123,7 @@ def _score(zoo: Zoo, methods: list[str], workers: int, show: bool) -> tuple[dict
             return protocols.interference(zoo, recipe.interference_lams[index - len(pairs)])
         setup, method = pairs[index]
         tick = time.perf_counter()
-        pools = POOLS if setup in recipe.pool_setups else ("mean",)
+        pools = (*(POOLS if setup in recipe.pool_setups else ("mean",)), *recipe.strategies)
         scored = protocols.score_method(zoo, setup, method, pools, recipe.grid_stride)
         log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
         return scored

@@ -9,7 +9,7 @@ from typing import Any
 
 from .report import methods_of
 
-VARIANTS = ("tuned", "data_free", "weave")
+VARIANTS = ("tuned", "best", "data_free", "weave", "recommended")
 
 
 def seed_spread(run_folders: list[Path], out: Path) -> Path:
@@ -40,8 +40,11 @@ def seed_spread(run_folders: list[Path], out: Path) -> Path:
             for run in runs:
                 node = run[setup]
                 for part in keys:
-                    node = node[part]
-                values.append(float(node["average"]))
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None:
+                    values.append(float(node["average"]))
+            if not values:  # a variant older runs did not record
+                continue
             spread = max(values) - min(values)
             table[setup][label] = {"per_seed": values, "mean": mean(values), "spread": spread}
             cells = " | ".join(f"{v:.1f}" for v in values)

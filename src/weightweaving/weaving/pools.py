@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
 from ..errors import OptionError
@@ -23,6 +24,11 @@ class Pool(abc.ABC):
     """Folds members into one merged task vector for one unit."""
 
     name = ""
+    settings: ClassVar[type[BaseModel] | None] = None  # the pool's hyperparameters, if it takes any
+
+    def configure(self, p: BaseModel) -> None:
+        """Receive validated hyperparameters (pools with ``settings`` override this)."""
+        raise OptionError(f"pool '{self.name}' takes no hyperparameters")
 
     @abc.abstractmethod
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
@@ -163,15 +169,44 @@ class MethodPool(Pool):
         return self.method.merge_unit(stacked, self.params, 1.0, ctx)
 
 
-BUILTIN_POOLS: dict[str, Callable[[], Pool]] = {"mean": MeanPool, "random": RandomPool, "magmax": MagMaxPool}
+BUILTIN_POOLS: dict[str, type[Pool]] = {"mean": MeanPool, "random": RandomPool, "magmax": MagMaxPool}
+
+
+def register_pool(name: str) -> Callable[[type[Pool]], type[Pool]]:
+    """Class decorator: make a :class:`Pool` available under ``name`` (a name registered twice raises)."""
+
+    def wrap(cls: type[Pool]) -> type[Pool]:
+        if name in BUILTIN_POOLS:
+            raise ValueError(f"pool '{name}' is registered twice")
+        cls.name = name
+        BUILTIN_POOLS[name] = cls
+        return cls
+
+    return wrap
 
 
 def make_pool(name: str, hyperparameters: dict[str, Any] | None = None) -> Pool:
-    """A built-in pool (``mean``, ``random``, ``magmax``) or a registered method used as a pool."""
+    """A registered pool (``mean``, ``random``, ``magmax``, ``median``, ...) or a registered method
+    used as a pool."""
     if name in BUILTIN_POOLS:
-        if hyperparameters:
-            raise OptionError(f"pool '{name}' takes no hyperparameters")
-        return BUILTIN_POOLS[name]()
+        cls = BUILTIN_POOLS[name]
+        if cls.settings is None:
+            if hyperparameters:
+                raise OptionError(f"pool '{name}' takes no hyperparameters")
+            return cls()
+        try:
+            p = cls.settings(**(hyperparameters or {}))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ())) or "?"
+            if first.get("type") == "extra_forbidden":
+                raise OptionError(f"pool '{name}' has no hyperparameter '{loc}'") from None
+            raise OptionError(
+                f"pool '{name}': hyperparameter '{loc}': {first.get('msg', 'invalid')}"
+            ) from None
+        pool = cls()
+        pool.configure(p)
+        return pool
     from ..methods import list_methods
 
     if name not in list_methods():

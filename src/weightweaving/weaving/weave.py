@@ -2,7 +2,8 @@
 
 θ = θ_pre + P(A*) with A* = Δ ∪ {f(Δ, λ_i)} (``pool_over="all"``) or A = {f(Δ, λ_i)} (``"merged"``).
 Per parameter tensor, members are produced and folded into the pool straight away; a method that is
-linear or affine in λ is called once per group of points that differ only in λ.
+linear or affine in λ is called once per group of points that differ only in λ; a ``NONLINEAR`` one
+(SVC) once per point, each member folded before the next is made, so memory stays independent of L.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..api import method_stats, run_job, with_stats
+from ..api import method_stats, run_job, scale_task_vectors, with_stats
 from ..checkpoints.open import Source
 from ..engine import Executor, Runner
 from ..errors import OptionError
-from ..methods import LamForm, UnitContext, get_method
+from ..methods import LamForm, LamKind, UnitContext, get_method
 from ..methods.base import Scope
 from .pools import MagMaxPool, MeanPool, MethodPool, Pool, make_pool
 from .search import Group, build_groups, parse_lambdas
@@ -84,9 +85,9 @@ class Weaver:
                 yield LamForm(offset=task_vectors[t], slope=None), (None,)
         for group, p, stats in zip(self.groups, self.params, self.stats, strict=True):
             unit_ctx = with_stats(ctx, stats)
-            if self.closed_form:
+            if self.closed_form and self.method.lam_kind is not LamKind.NONLINEAR:
                 yield self.method.compute(task_vectors, p, unit_ctx), group.lams
-            else:  # the general path: f evaluated afresh at every point
+            else:  # the general path: f evaluated afresh at every point, folded straight away
                 for lam in group.lams:
                     yield (
                         LamForm(offset=self.method.merge_unit(task_vectors, p, lam, unit_ctx), slope=None),
@@ -127,6 +128,7 @@ def weave(
     points: Sequence[Mapping[str, Any]] | None = None,
     pool_hyperparameters: dict[str, Any] | None = None,
     closed_form: bool = True,
+    task_weights: str | Sequence[float] | None = None,
     out: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
@@ -159,6 +161,8 @@ def weave(
         search: a grid over other hyperparameters, e.g. ``{"k": [0.1, 0.2]}`` (product with Λ).
         points: explicit hyperparameter sets instead of a grid; each may carry its own ``lam``.
         closed_form: fold whole λ groups at once (default); ``False`` evaluates the method per point.
+        task_weights: scale each Δ_t before everything else (members included): numbers, or
+            ``"auto:metagpt"`` / ``"auto:nan"`` (data-free estimates times T, see ``merge``).
         **hyperparameters: fixed hyperparameters of the method; other keywords as in ``merge``.
 
     Returns:
@@ -180,10 +184,11 @@ def weave(
     weaver = Weaver(method, groups, make_pool(pool, pool_hyperparameters), pool_over, closed_form=closed_form)
 
     def prepare(runner: Runner) -> Weaver:
+        scale_task_vectors(runner, task_weights, record)
         weaver.prepare(runner)
         return weaver
 
-    record = {
+    record: dict[str, Any] = {
         "operation": "weave",
         "method": method,
         "hyperparameters": dict(hyperparameters),

@@ -1,0 +1,224 @@
+"""Data-free pools beyond the paper's: robust statistics, agreement weights, a per-tensor λ and
+calibration after pooling. Each sees only the members of one tensor (the task vectors and the merged
+vectors), never data.
+
+They need more than a running sum, so they keep the member *groups* of the unit (a ``LamForm`` and
+its λ values) and expand them entry chunk by entry chunk when the unit is done: a method linear or
+affine in λ contributes one or two tensors whatever the number of λ points, so memory stays
+independent of the search space (a ``NONLINEAR`` method such as SVC contributes one per point).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, field_validator
+from torch import Tensor
+
+from ..errors import OptionError
+from ..methods.base import Hyperparameters, LamForm, UnitContext
+from ..methods.steps import check_regex, name_matches
+from ..methods.svc import calibrate
+from .pools import Pool, make_pool, register_pool
+
+_CHUNK = 1 << 22  # member values expanded at a time (bounds the (N, chunk) temporaries)
+
+
+def _values(form: LamForm, lam: float | None) -> Tensor:
+    if form.slope is None:
+        assert form.offset is not None
+        return form.offset
+    return form.at(1.0 if lam is None else lam)
+
+
+class HeldPool(Pool):
+    """Keeps the unit's member groups; task vectors are the groups whose λ is None."""
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.groups: list[tuple[LamForm, tuple[float | None, ...]]] = []
+        self.like = like
+        self.ctx = ctx
+        self.num_members = num_members
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        self.groups.append((form, tuple(lams)))
+
+    def task_vectors(self) -> list[Tensor]:
+        return [_values(form, None) for form, lams in self.groups if lams == (None,)]
+
+    def merged_members(self) -> Iterator[tuple[float | None, Tensor]]:
+        """The merged members (not the task vectors), one tensor at a time."""
+        for form, lams in self.groups:
+            if lams != (None,):
+                for lam in lams:
+                    yield lam, _values(form, lam)
+
+    def chunks(self) -> Iterator[tuple[slice, Tensor]]:
+        """``(entry slice, members (N, chunk))`` over the flattened unit."""
+        numel = self.like.numel()
+        step = max(1, _CHUNK // max(1, self.num_members))
+        for start in range(0, numel, step):
+            part = slice(start, min(numel, start + step))
+            rows = []
+            for form, lams in self.groups:
+                offset = None if form.offset is None else form.offset.reshape(-1)[part]
+                slope = None if form.slope is None else form.slope.reshape(-1)[part]
+                for lam in lams:
+                    rows.append(_values(LamForm(offset, slope), lam))
+            yield part, torch.stack(rows)
+
+
+class TrimmedMeanParams(Hyperparameters):
+    trim: float = Field(0.2, ge=0, lt=0.5, description="share of members dropped at each end, per entry")
+
+
+@register_pool("trimmed_mean")
+class TrimmedMeanPool(HeldPool):
+    """Per entry, the mean of the members left after dropping the ``int(trim·N)`` smallest and
+    largest values (a robust mean over A*)."""
+
+    settings = TrimmedMeanParams
+    trim = 0.2
+
+    def configure(self, p: BaseModel) -> None:
+        assert isinstance(p, TrimmedMeanParams)
+        self.trim = p.trim
+
+    def result(self) -> Tensor:
+        return _trimmed_mean(self, lambda n: int(self.trim * n))
+
+
+@register_pool("median")
+class MedianPool(HeldPool):
+    """Per entry, the median of the members (the mean of the two middle ones when N is even)."""
+
+    def result(self) -> Tensor:
+        return _trimmed_mean(self, lambda n: (n - 1) // 2)
+
+
+def _trimmed_mean(pool: HeldPool, dropped: Callable[[int], int]) -> Tensor:
+    """Per entry, the mean of the members once ``dropped(N)`` are removed at each end."""
+    out = torch.empty(pool.like.numel(), dtype=pool.like.dtype, device=pool.like.device)
+    for part, members in pool.chunks():  # (N, c)
+        drop = dropped(members.shape[0])
+        out[part] = members.sort(0).values[drop : members.shape[0] - drop].mean(0)
+    return out.reshape(pool.like.shape)
+
+
+@register_pool("agreement")
+class AgreementPool(HeldPool):
+    """Members weighted by how much they agree with the consensus of the tensor: ``w_j =
+    max(0, cos(a_j, ā))`` with ``ā`` the mean of the members; ``Σ_j w_j a_j / Σ_j w_j`` (the mean
+    when no member agrees). A member pointing away from the others counts less, or not at all."""
+
+    def result(self) -> Tensor:
+        consensus = torch.zeros_like(self.like)
+        for form, lams in self.groups:
+            for lam in lams:
+                consensus.add_(_values(form, lam))
+        consensus.div_(self.num_members)
+        total = torch.zeros_like(self.like)
+        weight_sum = 0.0
+        for form, lams in self.groups:
+            for lam in lams:
+                member = _values(form, lam)
+                weight = max(
+                    0.0,
+                    float(
+                        torch.nn.functional.cosine_similarity(
+                            member.reshape(1, -1), consensus.reshape(1, -1), eps=1e-30
+                        )
+                    ),
+                )
+                if weight > 0:
+                    total.add_(member, alpha=weight)
+                    weight_sum += weight
+        return total.div_(weight_sum) if weight_sum > 0 else consensus
+
+
+def _needs_task_vectors(pool: str, task_vectors: list[Tensor]) -> None:
+    if not task_vectors:
+        raise OptionError(f"pool '{pool}' needs the task vectors among the members (pool_over='all')")
+
+
+@register_pool("fitted_lambda")
+class FittedLambdaPool(HeldPool):
+    """A per-tensor λ chosen from the weights alone: the merged member whose least-squares
+    coefficient on the task vectors is closest to one on average,
+    ``argmin_j |mean_t ⟨a_j, Δ_t⟩/‖Δ_t‖² − 1|`` (zero task vectors left out; the smaller λ wins ties).
+
+    Each task's own direction then gets back about its full strength: orthogonal task vectors keep
+    Task Arithmetic's λ = 1, T identical ones get λ = 1/T (no direction counted T times), and layers
+    where tasks overlap more get a smaller λ than layers where they do not — the same coefficient SVC
+    computes per singular direction, here per tensor and over the search space."""
+
+    def result(self) -> Tensor:
+        task_vectors = self.task_vectors()
+        _needs_task_vectors(self.name, task_vectors)
+        kept = [(tv, float(tv.square().sum())) for tv in task_vectors if bool((tv != 0).any())]
+        best: tuple[float, float, Tensor] | None = None
+        for lam, member in self.merged_members():
+            if not kept:
+                score = 0.0
+            else:
+                coefficient = sum(float((member * tv).sum()) / norm for tv, norm in kept) / len(kept)
+                score = abs(coefficient - 1.0)
+            order = float("inf") if lam is None else abs(lam)
+            if best is None or (score, order) < (best[0], best[1]):
+                best = (score, order, member)
+        if best is None:
+            raise OptionError(f"pool '{self.name}' needs merged members (a search space)")
+        return best[2].clone()
+
+
+class CalibratedParams(Hyperparameters):
+    pool: str = Field("mean", description="the pool whose result is calibrated")
+    alpha: float | None = Field(None, gt=0, description="SVC's floor on s_rt (default 1/T)")
+    calibrate_exclude: str | None = Field(
+        "embedding|text_projection", description="regex: 2-D parameters left uncalibrated, as in svc"
+    )
+    pool_hyperparameters: dict[str, Any] = Field(default_factory=dict, description="of the inner pool")
+
+    _check = field_validator("calibrate_exclude")(check_regex)
+
+
+@register_pool("calibrated")
+class CalibratedPool(HeldPool):
+    """Singular value calibration (SVC, Li et al. 2026) of another pool's result: per weight matrix,
+    each singular direction of the pooled vector is divided by how many times over the task vectors
+    count it (``methods/svc.py:calibrate``). Other parameters: the inner pool's result."""
+
+    settings = CalibratedParams
+
+    def configure(self, p: BaseModel) -> None:
+        assert isinstance(p, CalibratedParams)
+        if p.pool == "calibrated":
+            raise OptionError("pool 'calibrated' cannot calibrate itself")
+        self.p = p
+        self.template = make_pool(p.pool, p.pool_hyperparameters)
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        super().begin(num_members, like, ctx)
+        self.inner = copy.copy(self.template)  # per-unit state, as the weaver copies this pool
+        self.inner.begin(num_members, like, ctx)
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if lams == (None,):
+            super().add(form, lams, first_index)  # keep the task vectors only
+        self.inner.add(form, lams, first_index)
+
+    def result(self) -> Tensor:
+        pooled = self.inner.result()
+        task_vectors = self.task_vectors()
+        _needs_task_vectors(self.name, task_vectors)
+        if (
+            pooled.ndim != 2
+            or min(pooled.shape) == 0
+            or name_matches(self.p.calibrate_exclude, self.ctx.name)
+        ):
+            return pooled
+        alpha = self.p.alpha if self.p.alpha is not None else 1 / len(task_vectors)
+        return calibrate(pooled, torch.stack(task_vectors), alpha)

@@ -1,0 +1,41 @@
+"""The report's data-free strategy scores and recommendation, on hand-made results."""
+
+from __future__ import annotations
+
+from weightweaving.suite import report
+from weightweaving.suite.profiles import PAPER_METHODS, RECOMMENDED
+
+
+def _entry(average: float) -> dict:
+    return {"average": average, "per_task": {"a": average}}
+
+
+def _results(other: float) -> dict:
+    """Every cell: λ = 1 at 50, mean pool at 60, best λ at 70, strategy 'other' at ``other``."""
+    cell = {
+        "tuned": {**_entry(70.0), "lam": 0.5},
+        "best": {**_entry(70.0), "lam": 0.5},
+        "data_free": _entry(50.0),
+        "weave": _entry(60.0),
+        "recommended": _entry(60.0),
+        "weave_pools": {"mean": _entry(60.0), RECOMMENDED: _entry(60.0), "other": _entry(other)},
+    }
+    setup = {"zero_shot": _entry(10.0), "individual": _entry(90.0), **{m: dict(cell) for m in PAPER_METHODS}}
+    mt = {**setup, "wudi": {**cell, "data_free": _entry(55.0)}}
+    return {"multitask": mt, "continual": setup, "domain": dict(setup)}
+
+
+def test_strategy_scores_count_cells_and_gap():
+    results = _results(other=65.0)
+    scores = report.strategy_scores(results, "other")
+    assert scores["cells"] == 12 and scores["at_or_above"] == 12
+    assert abs(scores["gap_closed"] - 0.5) < 1e-12  # (65 − 60) / (70 − 60)
+    below = report.strategy_scores(_results(other=59.0), "other")
+    assert below["at_or_above"] == 0 and below["gap_closed"] < 0
+
+
+def test_recommendation_paragraph_states_the_numbers():
+    text = "\n".join(report.recommendation(_results(other=65.0)))
+    assert f"Recommended default: **{RECOMMENDED}**" in text
+    assert "| other | 12/12 | 50% |" in text
+    assert "wudi (55.0)" in text and "beats every λ = 1 merge" in text

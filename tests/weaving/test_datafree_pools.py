@@ -1,0 +1,129 @@
+"""The data-free pools (weaving/datafree_pools.py): known values, invariances, closed-form groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightweaving
+from tests.helpers import toy_models
+from weightweaving.errors import OptionError
+from weightweaving.methods import LamForm, UnitContext
+from weightweaving.methods.svc import calibrate
+from weightweaving.weaving import make_pool
+
+POOLS = ["trimmed_mean", "median", "agreement", "fitted_lambda", "calibrated"]
+
+
+def _pool(name, members, task_vectors=(), hyperparameters=None, ctx_name="w"):
+    """Run a pool over task vectors (λ None) then plain members, as the weaver orders them."""
+    pool = make_pool(name, hyperparameters)
+    groups = [(LamForm(tv, None), (None,)) for tv in task_vectors]
+    groups += [(LamForm(m, None), (1.0,)) for m in members]
+    pool.begin(len(groups), (list(task_vectors) + list(members))[0], UnitContext(name=ctx_name))
+    index = 0
+    for form, lams in groups:
+        pool.add(form, lams, index)
+        index += len(lams)
+    return pool.result()
+
+
+def test_trimmed_mean_and_median_of_a_known_set():
+    values = [1.0, 2.0, 3.0, 100.0, -50.0]
+    members = [torch.tensor([v, -v]) for v in values]
+    torch.testing.assert_close(_pool("trimmed_mean", members), torch.tensor([2.0, -2.0]))  # int(0.2·5) = 1
+    torch.testing.assert_close(
+        _pool("trimmed_mean", members, hyperparameters={"trim": 0.0}), torch.tensor([11.2, -11.2])
+    )
+    torch.testing.assert_close(_pool("median", members), torch.tensor([2.0, -2.0]))
+    even = [torch.tensor([v]) for v in (3.0, 1.0, 2.0, 10.0)]
+    torch.testing.assert_close(_pool("median", even), torch.tensor([2.5]))
+
+
+@pytest.mark.parametrize("name", POOLS)
+def test_equal_members_give_that_member(name):
+    member = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]])
+    got = _pool(name, [member] * 3, task_vectors=[member] * 2)
+    torch.testing.assert_close(got, member)
+
+
+@pytest.mark.parametrize("name", ["trimmed_mean", "median", "agreement"])
+def test_permutation_invariance(name):
+    gen = torch.Generator().manual_seed(0)
+    members = [torch.randn(4, 3, generator=gen) for _ in range(7)]
+    order = torch.randperm(7, generator=gen).tolist()
+    torch.testing.assert_close(_pool(name, members), _pool(name, [members[i] for i in order]))
+
+
+def test_agreement_drops_a_member_opposed_to_the_consensus():
+    a = torch.tensor([1.0, 2.0, -1.0])
+    torch.testing.assert_close(_pool("agreement", [a, a, -0.5 * a]), a)  # consensus 0.5a; cos = −1
+
+
+def test_fitted_lambda_chooses_per_tensor():
+    """Orthogonal task vectors keep Task Arithmetic at λ = 1; two identical ones get λ = 1/2."""
+    base = {"orth": torch.zeros(2), "same": torch.zeros(2)}
+    tuned = [
+        {"orth": torch.tensor([1.0, 0.0]), "same": torch.tensor([1.0, 1.0])},
+        {"orth": torch.tensor([0.0, 2.0]), "same": torch.tensor([1.0, 1.0])},
+    ]
+    woven = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=[0.5, 1.0, 1.5], pool="fitted_lambda")
+    torch.testing.assert_close(woven["orth"], torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(woven["same"], torch.tensor([1.0, 1.0]))
+    with pytest.raises(OptionError, match="needs the task vectors"):
+        weightweaving.weave(
+            base, tuned, "task_arithmetic", lambdas=[1.0], pool="fitted_lambda", pool_over="merged"
+        )
+
+
+def test_calibrated_is_svc_of_the_inner_pool():
+    base, tuned = toy_models(3)
+    lams = [0.5, 1.0]
+    mean = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams)
+    got = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, pool="calibrated")
+    for key, value in base.items():
+        if not value.is_floating_point():
+            assert torch.equal(got[key], value)
+        elif value.ndim == 2:
+            tv = torch.stack([t[key] - value for t in tuned])
+            torch.testing.assert_close(
+                got[key] - value, calibrate(mean[key] - value, tv, 1 / 3), rtol=1e-4, atol=1e-6
+            )
+        else:
+            torch.testing.assert_close(got[key], mean[key])
+
+
+@pytest.mark.parametrize("name", POOLS)
+def test_closed_form_groups_equal_members_one_by_one(name):
+    """A linear method contributes one held tensor for all its λ points, with the same result."""
+    base, tuned = toy_models(3)
+    lams = [0.1 * i for i in range(1, 16)]
+    fast = weightweaving.weave(base, tuned, "ties", lambdas=lams, pool=name)
+    slow = weightweaving.weave(base, tuned, "ties", lambdas=lams, pool=name, closed_form=False)
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-6)
+
+
+def test_memory_holds_one_tensor_per_group():
+    pool = make_pool("median")
+    like = torch.zeros(3)
+    pool.begin(2 + 50, like, UnitContext(name="w"))
+    pool.add(LamForm(torch.ones(3), None), (None,), 0)
+    pool.add(LamForm(-torch.ones(3), None), (None,), 1)
+    pool.add(LamForm(None, torch.tensor([1.0, 2.0, 3.0])), tuple(0.1 * i for i in range(50)), 2)
+    assert len(pool.groups) == 3  # type: ignore[attr-defined]
+    members = torch.stack(
+        [torch.ones(3), -torch.ones(3)] + [0.1 * i * torch.tensor([1.0, 2.0, 3.0]) for i in range(50)]
+    )
+    torch.testing.assert_close(pool.result(), members.sort(0).values[25:27].mean(0))
+
+
+def test_bad_pool_hyperparameters():
+    with pytest.raises(OptionError, match="pool 'trimmed_mean' has no hyperparameter 'cut'"):
+        make_pool("trimmed_mean", {"cut": 0.1})
+    with pytest.raises(OptionError, match="pool 'trimmed_mean': hyperparameter 'trim'"):
+        make_pool("trimmed_mean", {"trim": 0.5})
+    with pytest.raises(OptionError, match="takes no hyperparameters"):
+        make_pool("median", {"trim": 0.1})
+    with pytest.raises(OptionError, match="unknown pool"):
+        make_pool("calibrated", {"pool": "nope"})
