@@ -373,6 +373,8 @@ def merge(
     if lam is not None and not math.isfinite(lam):
         raise OptionError(f"--lambda {lam} is not a finite number")
     chosen.check_lam(lam)
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        chosen.check_num_models(len(finetuned))
 
     def prepare(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
         stats = method_stats(chosen, p, runner)

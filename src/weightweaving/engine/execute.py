@@ -93,8 +93,15 @@ class Runner:
             parameter=unit.name,
         )
 
-    def context(self, unit: Unit, stats: Any = None) -> UnitContext:
-        return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras)
+    def context(self, unit: Unit, base: Tensor | None = None, stats: Any = None) -> UnitContext:
+        return UnitContext(
+            name=unit.name,
+            seed=self.seed,
+            stats=stats,
+            extras=self.extras,
+            base=base,
+            stored_dtype=unit.base_dtype,
+        )
 
     # -- passes -------------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str) -> Any:
@@ -109,8 +116,8 @@ class Runner:
         self.passes += 1
 
         def one(unit: Unit) -> R:
-            _, task_vectors = self.load(unit)
-            return fn(task_vectors, self.context(unit))
+            base, task_vectors = self.load(unit)
+            return fn(task_vectors, self.context(unit, base))
 
         results = []
         with self._bar(sum(u.numel for u in units) * 4 * (len(self.models) + 1), desc) as bar:
@@ -127,7 +134,7 @@ class Runner:
             if not unit.merge:
                 return self.base.get(unit.name).to(unit.out_dtype)
             base, task_vectors = self.load(unit)
-            merged = unit_fn(task_vectors, self.context(unit))
+            merged = unit_fn(task_vectors, self.context(unit, base))
             if tuple(merged.shape) != unit.shape:
                 raise RuntimeError(
                     f"{unit.name}: method returned shape {tuple(merged.shape)}, expected {unit.shape}"

@@ -159,6 +159,8 @@ def weave(
         tensor([0.6250, 0.6250])
     """
     chosen = get_method(method)
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        chosen.check_num_models(len(finetuned))
     lam_list = parse_lambdas(lambdas)
     groups = build_groups(
         chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points
