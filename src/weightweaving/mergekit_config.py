@@ -150,7 +150,7 @@ def translate(data: dict[str, Any], config_dir: Path, source: str) -> dict[str, 
     options["dtype"] = out_dtype or dtype
     precision = dtype or "stored"
     if method == "linear":
-        options.update(_linear(entries, base, shared, source))
+        options.update(_linear(entries, base, shared, precision, source))
         return options
     if base is None:
         raise OptionError(f"{source}: 'base_model' is required for merge_method '{method}'")
@@ -213,7 +213,11 @@ def _gta(
 
 
 def _linear(
-    entries: list[tuple[str, dict[str, Any]]], base: str | None, shared: dict[str, Any], source: str
+    entries: list[tuple[str, dict[str, Any]]],
+    base: str | None,
+    shared: dict[str, Any],
+    precision: str,
+    source: str,
 ) -> dict[str, Any]:
     _check_names(shared, {"weight", "normalize"}, "parameters", source)
     if not shared.get("normalize", True):
@@ -237,5 +241,5 @@ def _linear(
         "base": paths[0],
         "models": paths,
         "method": "weight_averaging",
-        "hyperparameters": {"weights": weights},
+        "hyperparameters": {"weights": weights, "precision": precision},
     }
