@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-
 from pydantic import Field
 from torch import Tensor
 
