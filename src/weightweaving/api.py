@@ -234,6 +234,48 @@ def write_provenance(
     writer.add_file("README.md", card.encode())
 
 
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    parsed = parse_dtype(dtype)
+    return None if parsed is None else str(parsed).removeprefix("torch.")
+
+
+def _absolute(label: str) -> str:
+    """A checkpoint's path made absolute (a state dict's label stays as it is)."""
+    path = Path(label)
+    return str(path.resolve()) if path.exists() else label
+
+
+def provenance(
+    job: Job,
+    record: dict[str, Any],
+    *,
+    out: str | os.PathLike[str] | None,
+    shard_size: str | int | None,
+    engine: dict[str, Any],
+) -> dict[str, Any]:
+    """What produced an output, as the options of ``weightweaving merge`` with every default
+    resolved: ``weightweaving merge <out>/weightweaving_config.yaml`` reruns it to the same bytes.
+    ``operation``, ``versions``, ``notes`` and ``left_out`` are for the record only."""
+    operation = {"operation": record.pop("operation")}
+    return {
+        **operation,
+        "base": _absolute(job.sources[0]),
+        "models": [_absolute(source) for source in job.sources[1:]],
+        **record,
+        "out": str(Path(out).resolve()) if out is not None else None,
+        "device": str(job.runner.device),
+        "dtype": dtype_name(engine.get("dtype")),
+        "compute_dtype": dtype_name(job.runner.compute_dtype),
+        "shard_size": shard_size,
+        "include": list(engine.get("include") or []),
+        "exclude": list(engine.get("exclude") or []),
+        "seed": engine.get("seed", 0),
+        "common_only": bool(engine.get("common_only")),
+        "allow_nonfinite": bool(engine.get("allow_nonfinite")),
+        "workers": engine.get("workers", 1),
+    }
+
+
 def run_job(
     pretrained: Source,
     finetuned: Sequence[Source],
@@ -266,17 +308,9 @@ def run_job(
         unit_fn = prepare(job.runner)
         if clip_rule:
             record = {**record, "clip": _clip_provenance(job.runner.plan)}
-        record = {
-            **record,
-            "pretrained": job.sources[0],
-            "finetuned": job.sources[1:],
-            "seed": engine.get("seed", 0),
-            "include": list(engine.get("include") or []),
-            "exclude": list(engine.get("exclude") or []),
-            "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
-        }
-        if engine.get("vocab", "error") != "error":
-            record["vocab"] = engine["vocab"]
+        record = provenance(job, record, out=out, shard_size=shard_size, engine=engine)
+        record["vocab"] = engine.get("vocab", "error")
+        record["out_lora"] = out_lora
         if out_lora is not None:
             from .lora_out import deliver_lora
 

@@ -240,7 +240,7 @@ def add_option_flags(parser: Any, model: type[BaseModel]) -> None:
         kind = extra.get("kind")
         kwargs: dict[str, Any] = {"dest": f"opt_{field}", "help": f"{info.description}{default_text(info)}"}
         annotation = plain_type(info.annotation)
-        if not (annotation is bool or field == "weave"):
+        if not (annotation is bool or field == "weave" or typing.get_origin(annotation) is Literal):
             kwargs["metavar"] = extra.get("metavar", field.upper())
         if kind is not None:  # repeatable NAME=VALUE, NAME=v1,v2 or YAML values
             parser.add_argument(flag, action="append", default=[], **kwargs)
