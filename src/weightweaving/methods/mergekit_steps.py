@@ -59,6 +59,10 @@ def resolve(setting: Setting, name: str, layers: int | None) -> float | None:
         return None
     if all(isinstance(x, (int, float)) for x in setting):
         values = [float(x) for x in setting]  # type: ignore[arg-type]
+        if len(values) > 1 and _LAYER.search(name) and not layers:
+            from ..errors import OptionError
+
+            raise OptionError(f"parameter '{name}': a gradient over the layers needs 'layers' (their number)")
         scaled = layer_position(name, layers) * (len(values) - 1)
         low = int(scaled)
         high = min(len(values) - 1, low + 1)
