@@ -246,6 +246,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = translate(data, base_dir, str(path))
     for key in RECORD_ONLY:
         data.pop(key, None)
+    if isinstance(data.get("out_lora"), dict):  # a LoRA output records its rank with the energy kept
+        data["out_lora"] = data["out_lora"].get("rank")
     for key in ("base", "out"):  # relative paths in a config are relative to the config file
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str(base_dir / data[key])

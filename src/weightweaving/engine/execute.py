@@ -162,8 +162,8 @@ class Runner:
         self.passes += 1
 
         def one(unit: Unit) -> Tensor:
-            _, task_vectors = self.load(unit)
-            return unit_fn(task_vectors, self.context(unit)).to("cpu")
+            base, task_vectors = self.load(unit)
+            return unit_fn(task_vectors, self.context(unit, base)).to("cpu")
 
         with self._bar(
             sum(u.numel * u.base_dtype.itemsize * (len(self.models) + 1) for u in units), desc
