@@ -36,6 +36,8 @@ MERGE_EPILOG = """examples:
       --method ties --set k=0.2 --weave --lambdas 0.1:1.5:0.1 --pool mean --out woven/
   weightweaving merge --base pre/ --models ft*/ --method ties --weave --search k=0.1,0.2,0.3 --out woven/
   weightweaving merge config.yaml            (same options as YAML; flags given override it)
+  weightweaving merge mergekit.yaml --out merged/   (a mergekit config, unchanged)
+  weightweaving merge merged/weightweaving_config.yaml --out again/   (rerun an output to the same bytes)
 """
 
 
