@@ -148,6 +148,13 @@ def cases() -> dict[str, dict]:
             "parameters": {"density": 0.5},
             "dtype": "bfloat16",
         },
+        "task_arithmetic_bf16_stored_out_fp32": {  # no dtype: mergekit works in the checkpoints' bf16
+            "merge_method": "task_arithmetic",
+            "base_model": "../models/base_bf16",
+            "models": [model("a", {"weight": 0.7}, True), model("b", {"weight": 0.45}, True)],
+            "parameters": {"lambda": 1.1},
+            "out_dtype": "float32",
+        },
         "breadcrumbs": {
             "merge_method": "breadcrumbs",
             "base_model": "../models/base",

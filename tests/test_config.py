@@ -146,3 +146,5 @@ def test_the_provenance_file_reruns_to_the_same_bytes(tmp_path, inputs, args):
         tmp_path / "again" / "model.safetensors"
     ).read_bytes()
     assert load_folder(first).keys() == load_folder(tmp_path / "again").keys()
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert record["base"] == str((tmp_path / "b.safetensors").resolve())  # absolute, as given

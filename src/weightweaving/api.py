@@ -239,15 +239,17 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return None if parsed is None else str(parsed).removeprefix("torch.")
 
 
-def _absolute(label: str) -> str:
-    """A checkpoint's path made absolute (a state dict's label stays as it is)."""
-    path = Path(label)
-    return str(path.resolve()) if path.exists() else label
+def _absolute(source: Source, label: str) -> str:
+    """The path the user gave, made absolute (a state dict is named by its label)."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).resolve())
+    return label
 
 
 def provenance(
     job: Job,
     record: dict[str, Any],
+    inputs: Sequence[Source],
     *,
     out: str | os.PathLike[str] | None,
     shard_size: str | int | None,
@@ -259,8 +261,8 @@ def provenance(
     operation = {"operation": record.pop("operation")}
     return {
         **operation,
-        "base": _absolute(job.sources[0]),
-        "models": [_absolute(source) for source in job.sources[1:]],
+        "base": _absolute(inputs[0], job.sources[0]),
+        "models": [_absolute(src, label) for src, label in zip(inputs[1:], job.sources[1:], strict=True)],
         **record,
         "out": str(Path(out).resolve()) if out is not None else None,
         "device": str(job.runner.device),
@@ -308,7 +310,8 @@ def run_job(
         unit_fn = prepare(job.runner)
         if clip_rule:
             record = {**record, "clip": _clip_provenance(job.runner.plan)}
-        record = provenance(job, record, out=out, shard_size=shard_size, engine=engine)
+        inputs = [pretrained, *finetuned]
+        record = provenance(job, record, inputs, out=out, shard_size=shard_size, engine=engine)
         record["vocab"] = engine.get("vocab", "error")
         record["out_lora"] = out_lora
         if out_lora is not None:

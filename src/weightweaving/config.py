@@ -32,7 +32,7 @@ from pydantic.fields import FieldInfo
 from .errors import OptionError, WeightWeavingError, did_you_mean
 
 # keys that an output's weightweaving_config.yaml holds for the record only; ignored when read back
-RECORD_ONLY = ("operation", "versions", "notes", "left_out")
+RECORD_ONLY = ("operation", "versions", "notes", "left_out", "clip")
 
 
 def _flag(
