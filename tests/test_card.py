@@ -33,7 +33,7 @@ def test_card_has_front_matter_method_references_models_and_the_config(tmp_path)
     assert "- `ties` — Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708" in body
     assert "https://github.com/prateeky2806/ties-merging" in body
     for i in range(2):
-        assert f"- `{tmp_path / f'ft{i}' / 'model.safetensors'}`" in body
+        assert f"- `{(tmp_path / f'ft{i}').resolve()}`" in body  # the folder, as given
     config = (out / "weightweaving_config.yaml").read_text()
     assert f"```yaml\n{config.rstrip()}\n```" in body
 

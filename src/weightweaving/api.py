@@ -267,6 +267,50 @@ def write_provenance(
     writer.add_file("README.md", card.encode())
 
 
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    parsed = parse_dtype(dtype)
+    return None if parsed is None else str(parsed).removeprefix("torch.")
+
+
+def _absolute(source: Source, label: str) -> str:
+    """The path the user gave, made absolute (a state dict is named by its label)."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).resolve())
+    return label
+
+
+def provenance(
+    job: Job,
+    record: dict[str, Any],
+    inputs: Sequence[Source],
+    *,
+    out: str | os.PathLike[str] | None,
+    shard_size: str | int | None,
+    engine: dict[str, Any],
+) -> dict[str, Any]:
+    """What produced an output, as the options of ``weightweaving merge`` with every default
+    resolved: ``weightweaving merge <out>/weightweaving_config.yaml`` reruns it to the same bytes.
+    ``operation``, ``versions``, ``notes`` and ``left_out`` are for the record only."""
+    operation = {"operation": record.pop("operation")}
+    return {
+        **operation,
+        "base": _absolute(inputs[0], job.sources[0]),
+        "models": [_absolute(src, label) for src, label in zip(inputs[1:], job.sources[1:], strict=True)],
+        **record,
+        "out": str(Path(out).resolve()) if out is not None else None,
+        "device": str(job.runner.device),
+        "dtype": dtype_name(engine.get("dtype")),
+        "compute_dtype": dtype_name(job.runner.compute_dtype),
+        "shard_size": shard_size,
+        "include": list(engine.get("include") or []),
+        "exclude": list(engine.get("exclude") or []),
+        "seed": engine.get("seed", 0),
+        "common_only": bool(engine.get("common_only")),
+        "allow_nonfinite": bool(engine.get("allow_nonfinite")),
+        "workers": engine.get("workers", 1),
+    }
+
+
 def run_job(
     pretrained: Source,
     finetuned: Sequence[Source],
@@ -308,17 +352,10 @@ def run_job(
             unit_fn = prepare(runner)
             if clip_rule:
                 record = {**record, "clip": _clip_provenance(runner.plan)}
-            record = {
-                **record,
-                "pretrained": job.sources[0],
-                "finetuned": job.sources[1:],
-                "seed": engine.get("seed", 0),
-                "include": list(engine.get("include") or []),
-                "exclude": list(engine.get("exclude") or []),
-                "dtype": str(engine["dtype"]) if engine.get("dtype") is not None else None,
-            }
-            if engine.get("vocab", "error") != "error":
-                record["vocab"] = engine["vocab"]
+            inputs = [pretrained, *finetuned]
+            record = provenance(job, record, inputs, out=out, shard_size=shard_size, engine=engine)
+            record["vocab"] = engine.get("vocab", "error")
+            record["out_lora"] = out_lora
             if out_lora is not None:
                 from .lora_out import deliver_lora
 
@@ -461,6 +498,8 @@ def merge(
     if number is not None and not math.isfinite(number):
         raise OptionError(f"--lambda {number} is not a finite number")
     chosen.check_lam(number)
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        chosen.check_num_models(len(finetuned))
     record: dict[str, Any] = {
         "operation": "merge",
         "method": method,

@@ -105,8 +105,9 @@ def model_card(
         f"- `{method}`{_reference(method)}",
     ]
     if record.get("operation") == "weave":
+        weave = record.get("weave") or {}
         lines.append(
-            f"- woven with Weight Weaving (pool `{record.get('pool')}` over `{record.get('pool_over')}`)"
+            f"- woven with Weight Weaving (pool `{weave.get('pool')}` over `{weave.get('pool_over')}`)"
             f" — {WEAVING[0]}; reference code: {WEAVING[1]}"
         )
     elif record.get("lambda") is not None:
@@ -118,7 +119,7 @@ def model_card(
             f"update), keeping {out_lora.get('energy_kept', 0.0):.4%} of the updates' energy"
         )
     lines += ["", "## Models merged", "", f"- base: `{base_model}`"]
-    lines += [f"- `{m}`" for m in record.get("finetuned") or []]
+    lines += [f"- `{m}`" for m in record.get("models") or []]
     lines += [
         "",
         "## Configuration",

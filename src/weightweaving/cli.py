@@ -6,13 +6,26 @@ import argparse
 import logging
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import yaml
+from pydantic import BaseModel
 
 from . import __version__
-from .config import MergeOptions, load_yaml, option_flag, reserved_names, run_options, validate
+from .config import (
+    MergeOptions,
+    WeaveOptions,
+    default_text,
+    field_extra,
+    load_yaml,
+    option_flag,
+    plain_type,
+    reserved_names,
+    run_options,
+    validate,
+)
 from .engine.resources import ADVICE, is_out_of_memory
 from .errors import OptionError, WeightWeavingError
 from .files import problem
@@ -26,36 +39,9 @@ MERGE_EPILOG = """examples:
       --method ties --set k=0.2 --weave --lambdas 0.1:1.5:0.1 --pool mean --out woven/
   weightweaving merge --base pre/ --models ft*/ --method ties --weave --search k=0.1,0.2,0.3 --out woven/
   weightweaving merge config.yaml            (same options as YAML; flags given override it)
+  weightweaving merge mergekit.yaml --out merged/   (a mergekit config, unchanged)
+  weightweaving merge merged/weightweaving_config.yaml --out again/   (rerun an output to the same bytes)
 """
-
-# flag -> options field, for flags whose value is stored as given
-FLAGS = {
-    "base": "base",
-    "models": "models",
-    "method": "method",
-    "lam": "lambda",
-    "task_weights": "task_weights",
-    "out": "out",
-    "device": "device",
-    "dtype": "dtype",
-    "compute_dtype": "compute_dtype",
-    "shard_size": "shard_size",
-    "include": "include",
-    "exclude": "exclude",
-    "seed": "seed",
-    "workers": "workers",
-    "vocab": "vocab",
-    "out_lora": "out_lora",
-}
-SWITCHES = ("overwrite", "common_only", "allow_nonfinite")
-NEGATED = {"no_resource_check": "resource_check"}  # --no-X flags: store False in option X
-
-
-def _help(field: str) -> str:
-    info = MergeOptions.model_fields[field]
-    default = info.default
-    extra = f" (default: {default})" if default not in (None, [], {}, False) and not callable(default) else ""
-    return f"{info.description}{extra}"
 
 
 def _parse_assignment(text: str, option: str) -> tuple[str, str]:
@@ -96,73 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("config", nargs="?", help="a YAML config with the same options (flags override it)")
-    m.add_argument("--base", help=_help("base"))
-    m.add_argument("--models", nargs="+", metavar="PATH", help=_help("models"))
-    m.add_argument("--method", help=_help("method"))
-    m.add_argument("--lambda", dest="lam", type=_lam, metavar="X", help=_help("lam"))
-    m.add_argument("--task-weights", type=_task_weights, metavar="SPEC", help=_help("task_weights"))
     m.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a hyperparameter of the method (repeatable)",
+        "config",
+        nargs="?",
+        help="a YAML config with the same options, or a mergekit config (flags override it)",
     )
-    m.add_argument("--out", help=_help("out"))
-    m.add_argument("--device", help=_help("device"))
-    m.add_argument("--dtype", help=_help("dtype"))
-    m.add_argument("--compute-dtype", help=_help("compute_dtype"))
-    m.add_argument("--shard-size", help=_help("shard_size"))
-    m.add_argument("--include", nargs="+", metavar="REGEX", help=_help("include"))
-    m.add_argument("--exclude", nargs="+", metavar="REGEX", help=_help("exclude"))
-    m.add_argument("--seed", type=int, help=_help("seed"))
-    m.add_argument("--workers", type=int, help=_help("workers"))
-    m.add_argument("--overwrite", action="store_true", default=None, help=_help("overwrite"))
-    m.add_argument("--common-only", action="store_true", default=None, help=_help("common_only"))
-    m.add_argument("--allow-nonfinite", action="store_true", default=None, help=_help("allow_nonfinite"))
-    m.add_argument("--vocab", choices=["error", "base"], help=_help("vocab"))
-    m.add_argument("--out-lora", type=_positive_int, metavar="RANK", help=_help("out_lora"))
-    m.add_argument(
-        "--no-resource-check",
-        action="store_true",
-        default=None,
-        help="do not refuse up front a merge whose output or peak memory looks too big for this machine",
-    )
-    w = m.add_argument_group("Weight Weaving")
-    w.add_argument("--weave", action="store_true", help="pool merges over a search space instead of one λ")
-    w.add_argument(
-        "--lambdas",
-        metavar="SPEC",
-        help="λ search space: start:stop:step or a,b,c (default: the paper's range)",
-    )
-    w.add_argument(
-        "--pool",
-        help="mean (default), random, magmax, trimmed_mean, median, agreement, fitted_lambda, "
-        "calibrated, or a method name",
-    )
-    w.add_argument(
-        "--pool-set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a hyperparameter of a method pool",
-    )
-    w.add_argument(
-        "--pool-over",
-        choices=["all", "merged"],
-        help="all: task vectors and merged vectors (default); merged: merged only",
-    )
-    w.add_argument(
-        "--setup", choices=["multitask", "continual", "domain"], help="whose paper λ range to default to"
-    )
-    w.add_argument(
-        "--search",
-        action="append",
-        default=[],
-        metavar="NAME=v1,v2",
-        help="search over another hyperparameter (repeatable: a grid)",
-    )
+    add_option_flags(m, MergeOptions)
+    w = m.add_argument_group("Weight Weaving (--weave)")
+    add_option_flags(w, WeaveOptions)
     _common(m)
 
     _common(add_verify_parser(sub))
@@ -311,60 +238,94 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def add_option_flags(parser: Any, model: type[BaseModel]) -> None:
+    """One flag per field of an options model: name, type, choices, default and help from the field."""
+    for field, info in model.model_fields.items():
+        extra = field_extra(info)
+        flag = option_flag(field)
+        kind = extra.get("kind")
+        kwargs: dict[str, Any] = {"dest": f"opt_{field}", "help": f"{info.description}{default_text(info)}"}
+        annotation = plain_type(info.annotation)
+        if not (annotation is bool or field == "weave" or typing.get_origin(annotation) is Literal):
+            kwargs["metavar"] = extra.get("metavar", field.upper())
+        if kind == "negate":  # a switch that turns an option on by default off: --no-X
+            kwargs.pop("metavar", None)
+            parser.add_argument(flag, action="store_true", default=None, **kwargs)
+        elif kind in ("lam", "weights"):  # a number or list of numbers, or auto:<rule>
+            parser.add_argument(flag, type=_lam if kind == "lam" else _task_weights, **kwargs)
+        elif kind is not None:  # repeatable NAME=VALUE, NAME=v1,v2 or YAML values
+            parser.add_argument(flag, action="append", default=[], **kwargs)
+        elif annotation is bool or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            parser.add_argument(flag, action="store_true", default=None, **kwargs)
+        elif typing.get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=list(typing.get_args(annotation)), **kwargs)
+        elif typing.get_origin(annotation) is list:
+            parser.add_argument(flag, nargs="+", **kwargs)
+        else:
+            parser.add_argument(flag, type=annotation if annotation in (int, float) else str, **kwargs)
+
+
+def _flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields given on the command line (by field name), converted as their kind says."""
+    values: dict[str, Any] = {}
+    for field, info in model.model_fields.items():
+        value = getattr(args, f"opt_{field}")
+        flag, kind = option_flag(field), field_extra(info).get("kind")
+        if value is None or value == []:
+            continue
+        if kind == "negate":
+            value = False
+        elif kind == "assign":
+            pairs = [_parse_assignment(item, flag) for item in value]
+            value = {name: _scalar(text) for name, text in pairs}
+        elif kind == "grid":
+            grid = {}
+            for item in value:
+                name, text = _parse_assignment(item, flag)
+                grid[name] = [_scalar(v) for v in text.split(",") if v.strip()]
+                if not grid[name]:
+                    raise OptionError(f"{flag} {name}: the list of values is empty")
+            value = grid
+        elif kind == "yaml":
+            value = [_yaml_value(item, flag) for item in value]
+        values[field] = value
+    return values
+
+
+def _yaml_value(text: str, flag: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise OptionError(f"{flag} '{text}' is not valid YAML") from None
+
+
 def _merge_options(args: argparse.Namespace) -> MergeOptions:
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     source = args.config or "command line"
-    for attr, key in FLAGS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            values[key] = value
-    for switch in SWITCHES:
-        if getattr(args, switch):
-            values[switch] = True
-    for flag, key in NEGATED.items():
-        if getattr(args, flag):
-            values[key] = False
-    hyper = dict(values.get("hyperparameters") or {})
-    for item in args.set:
-        name, value = _parse_assignment(item, "--set")
+    flags = _flag_values(args, MergeOptions)
+    weave_on = bool(flags.pop("weave", False))
+    hyper = flags.pop("hyperparameters", {})
+    for name in hyper:
         if name in reserved_names():
             raise OptionError(
                 f"--set {name}: '{name}' is an option of its own ({option_flag(name)}), not a hyperparameter"
             )
-        hyper[name] = _scalar(value)
+    if "lam" in flags:
+        values.pop("lam", None)
+        values["lambda"] = flags.pop("lam")
+    values.update(flags)
     if hyper:
-        values["hyperparameters"] = hyper
-    weave_flags = (
-        args.weave
-        or args.lambdas
-        or args.pool
-        or args.pool_over
-        or args.setup
-        or args.search
-        or args.pool_set
-    )
-    if weave_flags:
-        if not args.weave and "weave" not in values:
-            raise OptionError("--lambdas, --pool, --pool-over, --setup and --search need --weave")
+        values["hyperparameters"] = {**(values.get("hyperparameters") or {}), **hyper}
+    weave_flags = _flag_values(args, WeaveOptions)
+    if weave_flags and not weave_on and "weave" not in values:
+        listed = ", ".join(option_flag(f) for f in weave_flags)
+        raise OptionError(f"{listed} need --weave")
+    if weave_on or weave_flags:
         weave = dict(values.get("weave") or {})
-        for attr in ("lambdas", "pool", "pool_over", "setup"):
-            if getattr(args, attr) is not None:
-                weave[attr] = getattr(args, attr)
-        if args.search:
-            grid = dict(weave.get("search") or {})
-            for item in args.search:
-                name, value = _parse_assignment(item, "--search")
-                grid[name] = [_scalar(v) for v in value.split(",") if v.strip()]
-                if not grid[name]:
-                    raise OptionError(f"--search {name}: the list of values is empty")
-            weave["search"] = grid
-        if args.pool_set:
-            ph = dict(weave.get("pool_hyperparameters") or {})
-            for item in args.pool_set:
-                name, value = _parse_assignment(item, "--pool-set")
-                ph[name] = _scalar(value)
-            weave["pool_hyperparameters"] = ph
-        values["weave"] = weave
+        for key in ("search", "pool_hyperparameters"):  # repeated flags add to the config's
+            if key in weave_flags and isinstance(weave.get(key), dict):
+                weave_flags[key] = {**weave[key], **weave_flags[key]}
+        values["weave"] = {**weave, **weave_flags}
     return validate(values, source)
 
 
@@ -418,7 +379,7 @@ def _print_methods(name: str | None, *, markdown: bool = False) -> None:
             ranges = ", ".join(f"{k} {a}–{b}" for k, (a, b) in method.paper_lam_ranges.items())
             print(f"    paper λ ranges: {ranges}")
         for field, info in method.params.model_fields.items():
-            default = info.default if not info.is_required() else "(required)"
+            default = "(required)" if info.is_required() else info.get_default(call_default_factory=True)
             print(f"    --set {field}={default}    {info.description or ''}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class WeightWeavingError(Exception):
     """A problem the user can fix: a bad file, option or value.
@@ -35,3 +37,11 @@ class OptionError(WeightWeavingError):
 
 class CheckpointError(WeightWeavingError):
     """A checkpoint that cannot be read or does not fit the others."""
+
+
+def did_you_mean(word: str, valid: Iterable[str]) -> str:
+    """``"; did you mean 'ties'?"`` for the closest of ``valid`` (difflib), or ``""`` if none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), sorted(valid), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -17,7 +17,7 @@ from tests.oracles import ROOT, assert_matches, case_paths, load_case
 from weightweaving.methods import get_method
 
 METHODS = weightweaving.list_methods()
-EXEMPTION_KINDS = ("statistical:", "uses data:")
+EXEMPTION_KINDS = ("statistical:", "uses data:", "peer:")
 
 
 def _cases(method: str) -> list[Path]:

@@ -48,6 +48,13 @@ def models(
     return cast(base), [cast(task) for task in tasks]
 
 
+def tasks_for(name: str, low: int = 1, high: int = 3) -> tuple[int, int]:
+    """The range of task counts to draw for a method, within what it declares it merges."""
+    fewest, most = get_method(name).num_models
+    low, high = max(low, fewest), min(high, most) if most is not None else high
+    return (low, high) if low <= high else (fewest, fewest)
+
+
 def merge(
     name: str, base: StateDict, tasks: list[StateDict], lam: float | None = None, seed: int = 0
 ) -> StateDict:
@@ -68,10 +75,12 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
 
 @pytest.mark.parametrize("name", METHODS)
 @FEW
-@given(drawn=models())
+@given(drawn=models(max_tasks=1))
 def test_zero_task_vectors_give_the_base_exactly(name, drawn):
     base, _ = drawn
-    merged = merge(name, base, [dict(base), dict(base)])
+    fewest, most = get_method(name).num_models
+    count = max(fewest, 2 if most is None else min(2, most))
+    merged = merge(name, base, [dict(base)] * count)
     for key, value in base.items():
         assert torch.equal(merged[key], value), key
 
@@ -81,7 +90,8 @@ def test_zero_task_vectors_give_the_base_exactly(name, drawn):
 @FEW
 @given(data=st.data())
 def test_keys_shapes_and_dtypes_follow_the_base(name, dtype, data):
-    base, tasks = data.draw(models(dtype=dtype))
+    low, high = tasks_for(name)
+    base, tasks = data.draw(models(low, high, dtype=dtype))
     merged = merge(name, base, tasks)
     assert list(merged) == list(base)
     for key, value in base.items():
@@ -91,7 +101,9 @@ def test_keys_shapes_and_dtypes_follow_the_base(name, dtype, data):
     assert torch.equal(merged["position_ids"], base["position_ids"])  # int buffers come from the base
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if get_method(n).order_invariant])
+@pytest.mark.parametrize(
+    "name", [n for n in METHODS if get_method(n).order_invariant and get_method(n).num_models[1] != 1]
+)
 @FEW
 @given(drawn=models(min_tasks=2))
 def test_order_of_the_models_does_not_matter(name, drawn):
@@ -132,9 +144,9 @@ def test_affine_in_lambda(name, drawn, lams):
 
 @pytest.mark.parametrize("name", METHODS)
 @FEW
-@given(drawn=models(), seed=st.integers(0, 2**32))
-def test_same_seed_gives_the_same_bytes(name, drawn, seed):
-    base, tasks = drawn
+@given(data=st.data(), seed=st.integers(0, 2**32))
+def test_same_seed_gives_the_same_bytes(name, data, seed):
+    base, tasks = data.draw(models(*tasks_for(name)))
     first, second = merge(name, base, tasks, seed=seed), merge(name, base, tasks, seed=seed)
     assert list(first) == list(second)
     for key in first:
@@ -146,8 +158,19 @@ def test_same_seed_gives_the_same_bytes(name, drawn, seed):
 def test_unknown_hyperparameter_is_refused_by_name(name):
     with pytest.raises(OptionError, match="no_such_option"):
         get_method(name).parse_params({"no_such_option": 1})
+    count = get_method(name).num_models[0]
     with pytest.raises(OptionError, match="no_such_option"):
-        weightweaving.merge({"w": torch.zeros(2)}, [{"w": torch.ones(2)}], method=name, no_such_option=1)
+        weightweaving.merge(
+            {"w": torch.zeros(2)}, [{"w": torch.ones(2)}] * count, method=name, no_such_option=1
+        )
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if get_method(n).num_models != (1, None)])
+def test_a_wrong_number_of_models_is_refused(name):
+    low, high = get_method(name).num_models
+    count = low - 1 if low > 1 else (high or 0) + 1
+    with pytest.raises(OptionError, match=f"method '{name}' merges .* fine-tuned models?, got {count}"):
+        weightweaving.merge({"w": torch.zeros(2)}, [{"w": torch.ones(2)}] * count, method=name)
 
 
 @pytest.mark.parametrize("name", METHODS)

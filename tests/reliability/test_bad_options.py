@@ -13,7 +13,7 @@ FLAG_CASES = {
     "unknown_method": (["--method", "nope"], None),  # lists the registry, checked below
     "unknown_hyperparameter": (
         ["--set", "bogus=1"],
-        "method 'task_arithmetic' has no hyperparameter 'bogus'",
+        "method 'task_arithmetic' has no hyperparameter 'bogus' (valid: weights)",
     ),
     "negative_lambda": (
         ["--method", "ties", "--lambda", "-0.5"],
@@ -76,7 +76,10 @@ YAML_CASES = {
         "base: [unclosed\nmodels: x\n",
         "not valid YAML at line 2: expected ',' or ']', but got ':'",
     ),
-    "unknown_key": ("{base: b, models: [m], out: o, lamda: 0.3}\n", "unknown option 'lamda'"),
+    "unknown_key": (
+        "{base: b, models: [m], out: o, lamda: 0.3}\n",
+        "unknown option 'lamda'; did you mean 'lambda'?",
+    ),
     "wrong_type": ("{base: b, models: [m], out: o, seed: abc}\n", None),
     "not_a_mapping": ("- just\n- a list\n", "the config must be a mapping of options"),
     "empty": ("", "the config is empty"),

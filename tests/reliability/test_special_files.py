@@ -181,7 +181,7 @@ def test_file_vanishing_or_replaced_during_a_run_stops_cleanly(tmp_path, monkeyp
     b, ms, base, tuned = write_models(tmp_path)
     from weightweaving.engine.execute import Runner
 
-    real_run = Runner.run
+    real_run = Runner.run_pieces
     out = tmp_path / "out"
 
     def merge_while(change):
@@ -189,7 +189,7 @@ def test_file_vanishing_or_replaced_during_a_run_stops_cleanly(tmp_path, monkeyp
             change()
             yield from real_run(self, unit_fn, desc)
 
-        monkeypatch.setattr(Runner, "run", run)
+        monkeypatch.setattr(Runner, "run_pieces", run)
         with pytest.raises(CheckpointError) as err:
             weightweaving.merge(b, ms, "task_arithmetic", 0.5, out=out)
         assert not out.exists() and leftovers(tmp_path) == []

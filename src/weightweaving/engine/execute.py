@@ -144,8 +144,16 @@ class Runner:
             parameter=unit.name,
         )
 
-    def context(self, unit: Unit, stats: Any = None) -> UnitContext:
-        return UnitContext(name=unit.name, seed=self.seed, stats=stats, extras=self.extras, shape=unit.shape)
+    def context(self, unit: Unit, base: Tensor | None = None, stats: Any = None) -> UnitContext:
+        return UnitContext(
+            name=unit.name,
+            seed=self.seed,
+            stats=stats,
+            extras=self.extras,
+            shape=unit.shape,
+            base=base,
+            stored_dtype=unit.base_dtype,
+        )
 
     def memory_guard(self, unit: Unit) -> AbstractContextManager[None]:
         """Running out of memory on ``unit`` becomes a one-line error with its sizes."""
@@ -165,8 +173,8 @@ class Runner:
 
         def one(unit: Unit) -> R:
             with self.memory_guard(unit):
-                _, task_vectors = self.load(unit)
-                return fn(task_vectors, self.context(unit))
+                base, task_vectors = self.load(unit)
+                return fn(task_vectors, self.context(unit, base))
 
         results = []
         with self._bar(sum(u.numel for u in units) * 4 * (len(self.models) + 1), desc) as bar:
@@ -307,7 +315,7 @@ class Runner:
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
                 base, task_vectors = self.load_piece(piece)
-                ctx = self.context(unit)
+                ctx = self.context(unit, base)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
                 except Deferred:
@@ -342,7 +350,7 @@ class Runner:
         for piece in deferred:  # read again: their merge needed what the fused stages found
             with self.memory_guard(piece.unit):
                 base, task_vectors = self.load_piece(piece)
-                merged = merged_output(piece, base, task_vectors, self.context(piece.unit))
+                merged = merged_output(piece, base, task_vectors, self.context(piece.unit, base))
             yield piece.unit.name, piece.rows, merged
 
     def run_deltas(
@@ -356,8 +364,8 @@ class Runner:
         self.passes += 1
 
         def one(unit: Unit) -> Tensor:
-            _, task_vectors = self.load(unit)
-            return unit_fn(task_vectors, self.context(unit)).to("cpu")
+            base, task_vectors = self.load(unit)
+            return unit_fn(task_vectors, self.context(unit, base)).to("cpu")
 
         with self._bar(
             sum(u.numel * u.base_dtype.itemsize * (len(self.models) + 1) for u in units), desc

@@ -133,6 +133,8 @@ class UnitContext:
     shape: tuple[int, ...] = ()  # the whole parameter's shape (a stage may see only some of its rows)
     # what the merge of this unit found and a fused stage may reuse (one dict per unit, per pass)
     scratch: dict[Any, Any] = field(default_factory=dict)
+    base: Tensor | None = None  # the base tensor in the compute dtype (read-only), for needs_base methods
+    stored_dtype: torch.dtype | None = None  # the base checkpoint's dtype of this parameter
 
     def generator(self, *salt: object) -> torch.Generator:
         """A CPU generator seeded from (seed, parameter name, salt): the same on every executor."""
@@ -162,6 +164,10 @@ class Method:
     order_invariant: ClassVar[bool] = True
     # True when the method draws random numbers (DARE): results depend on the seed.
     stochastic: ClassVar[bool] = False
+    # How many fine-tuned models the method merges: (fewest, most or None for any number).
+    num_models: ClassVar[tuple[int, int | None]] = (1, None)
+    # True when the method needs the base weights themselves (``ctx.base``), not only task vectors.
+    needs_base: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
     # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and
@@ -170,7 +176,8 @@ class Method:
     reported: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     # Why the method has no deterministic oracle cases (tests/data/oracles/<name>/), starting with
-    # the kind of reason: "statistical: ...", "uses data: ...". None: it must have oracle cases.
+    # the kind of reason: "statistical: ...", "uses data: ...", "peer: ..." (checked against a
+    # peer tool's stored outputs instead). None: it must have oracle cases.
     oracle_exempt: ClassVar[str | None] = None
 
     def scope_of(self, p: Hyperparameters) -> Scope:
@@ -216,7 +223,7 @@ class Method:
         try:
             return self.params(**(values or {}))
         except Exception as exc:  # pydantic.ValidationError
-            raise OptionError(_describe_validation(self.name, exc)) from None
+            raise OptionError(_describe_validation(self.name, exc, list(self.params.model_fields))) from None
 
     def check_lam(self, lam: float | None) -> None:
         from ..errors import OptionError
@@ -227,6 +234,19 @@ class Method:
             raise OptionError(f"method '{self.name}' needs a λ (--lambda)")
         if self.lam_min is not None and lam < self.lam_min:
             raise OptionError(f"--lambda {lam} is out of range for '{self.name}': must be >= {self.lam_min}")
+
+    def check_num_models(self, count: int) -> None:
+        """Refuse a number of fine-tuned models the method cannot merge."""
+        from ..errors import OptionError
+
+        low, high = self.num_models
+        if count < low or (high is not None and count > high):
+            wanted = (
+                f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            )
+            raise OptionError(
+                f"method '{self.name}' merges {wanted} fine-tuned model{'s' if high != 1 else ''}, got {count}"
+            )
 
     def merge_unit(
         self, task_vectors: Tensor, p: Hyperparameters, lam: float | None, ctx: UnitContext
@@ -244,13 +264,16 @@ def _call_map(
     return map_fn(task_vectors, ctx, given)
 
 
-def _describe_validation(method: str, exc: Exception) -> str:
+def _describe_validation(method: str, exc: Exception, valid: list[str]) -> str:
     errors: Sequence[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     if not errors:
         return f"method '{method}': {exc}"
     first = errors[0]
     loc = ".".join(str(x) for x in first.get("loc", ())) or "?"
     if first.get("type") == "extra_forbidden":
-        return f"method '{method}' has no hyperparameter '{loc}'"
+        from ..errors import did_you_mean
+
+        listed = ", ".join(valid) or "none"
+        return f"method '{method}' has no hyperparameter '{loc}' (valid: {listed}){did_you_mean(loc, valid)}"
     value = first.get("input")
     return f"method '{method}': hyperparameter '{loc}'={value!r}: {first.get('msg', 'invalid')}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import OptionError
+from ..errors import OptionError, did_you_mean
 from .base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -29,7 +29,9 @@ def get_method(name: str) -> Method:
         return _REGISTRY[name]()
     except KeyError:
         valid = ", ".join(sorted(_REGISTRY))
-        raise OptionError(f"unknown method '{name}'; valid methods: {valid}") from None
+        raise OptionError(
+            f"unknown method '{name}'; valid methods: {valid}{did_you_mean(name, _REGISTRY)}"
+        ) from None
 
 
 def list_methods() -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from ..errors import OptionError
+from ..errors import OptionError, did_you_mean
 from ..methods.base import LamForm, UnitContext
 
 
@@ -210,6 +210,8 @@ def make_pool(name: str, hyperparameters: dict[str, Any] | None = None) -> Pool:
     from ..methods import list_methods
 
     if name not in list_methods():
-        valid = ", ".join([*BUILTIN_POOLS, *list_methods()])
-        raise OptionError(f"unknown pool '{name}'; valid pools: {valid}")
+        pools = [*BUILTIN_POOLS, *(m for m in list_methods() if m not in BUILTIN_POOLS)]
+        raise OptionError(
+            f"unknown pool '{name}'; valid pools: {', '.join(pools)}{did_you_mean(name, pools)}"
+        )
     return MethodPool(name, hyperparameters)

@@ -177,6 +177,8 @@ def weave(
         tensor([0.6250, 0.6250])
     """
     chosen = get_method(method)
+    if not isinstance(finetuned, (str, os.PathLike, Mapping)):
+        chosen.check_num_models(len(finetuned))
     lam_list = parse_lambdas(lambdas)
     groups = build_groups(
         chosen, lambdas=lam_list, setup=setup, fixed=hyperparameters, search=search, points=points
@@ -188,14 +190,29 @@ def weave(
         weaver.prepare(runner)
         return weaver
 
-    record: dict[str, Any] = {
+    searched = set(search or {}) | {name for point in points or [] for name in point}
+    resolved = chosen.parse_params(hyperparameters).model_dump(mode="json")
+    fixed = {name: value for name, value in resolved.items() if name not in searched}  # shared by every point
+    pool_params = (
+        weaver.pool.params.model_dump(mode="json")
+        if isinstance(weaver.pool, MethodPool)
+        else dict(pool_hyperparameters or {})
+    )
+    record = {
         "operation": "weave",
         "method": method,
-        "hyperparameters": dict(hyperparameters),
-        "search_space": [{"hyperparameters": g.hyperparameters, "lambdas": list(g.lams)} for g in groups],
-        "pool": pool,
-        "pool_hyperparameters": pool_hyperparameters or {},
-        "pool_over": pool_over,
+        "hyperparameters": fixed,
+        "weave": {  # every point of the search space, resolved: a rerun gives the same groups
+            "lambdas": list(groups[0].lams),
+            "pool": pool,
+            "pool_over": pool_over,
+            "setup": setup,
+            "points": [
+                {**chosen.parse_params(g.hyperparameters).model_dump(mode="json"), "lam": list(g.lams)}
+                for g in groups
+            ],
+            "pool_hyperparameters": pool_params,
+        },
     }
     return run_job(
         pretrained,
