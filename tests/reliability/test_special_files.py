@@ -225,7 +225,7 @@ def test_file_vanishing_or_replaced_during_a_run_stops_cleanly(tmp_path, monkeyp
             calls.append(name)
             replace_later()
 
-    monkeypatch.setattr(Runner, "run", real_run)
+    monkeypatch.setattr(Runner, "run_pieces", real_run)
     monkeypatch.setattr(weightweaving.checkpoints.writer.SafetensorsWriter, "write", write)
     with pytest.raises(CheckpointError, match="the file was replaced while the merge ran"):
         weightweaving.merge(b, ms, "task_arithmetic", 0.5, out=out)
