@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (imported for registration)
     breadcrumbs,
     cart,
     dare,
+    exemplar_projection,
     iso_c,
     iso_cts,
     magmax,

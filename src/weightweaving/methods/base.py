@@ -162,6 +162,9 @@ class Method:
     order_invariant: ClassVar[bool] = True
     # True when the method draws random numbers (DARE): results depend on the seed.
     stochastic: ClassVar[bool] = False
+    # True when the method needs data beyond the weights (exemplars, test inputs): it is run through
+    # ``weightweaving.withdata`` and reported apart from the data-free methods.
+    uses_data: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
     # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and
