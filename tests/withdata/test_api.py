@@ -125,3 +125,31 @@ def test_bad_input_is_one_error_and_nothing_written(tmp_path: Path, case: str, m
         )  # fmt: skip
     assert "\n" not in str(info.value)
     assert not out.exists()
+
+
+def test_cat_weaves_over_lambda_and_c() -> None:
+    base, tasks = checkpoints()
+    images = [torch.rand(3, 3, 8, 8), torch.rand(2, 3, 8, 8)]
+    model = build_model(CONFIG, 0)
+    woven = weightweaving.merge_with_data(
+        base, tasks, "exemplar_projection", model=model, data=images, c=0, weave={"lambdas": [0.5, 1.0]}
+    )
+    want = weightweaving.weave(base, tasks, "task_arithmetic", lambdas=[0.5, 1.0])
+    assert isinstance(woven, dict) and isinstance(want, dict)
+    for k in want:
+        torch.testing.assert_close(woven[k], want[k])
+    over_c = weightweaving.merge_with_data(
+        base,
+        tasks,
+        "exemplar_projection",
+        model=model,
+        data=images,
+        weave={"lambdas": [0.5, 1.0], "search": {"c": [0, 2]}},
+    )
+    assert isinstance(over_c, dict)
+    name = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.equal(over_c[name], woven[name])
+    with pytest.raises(WeightWeavingError, match="weave option 'bogus'"):
+        weightweaving.merge_with_data(
+            base, tasks, "exemplar_projection", model=model, data=images, weave={"bogus": 1}
+        )

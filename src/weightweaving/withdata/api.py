@@ -61,6 +61,39 @@ def load_inputs(
     return inputs, records
 
 
+def weaver_for(
+    method: str, options: Mapping[str, Any], fixed: Mapping[str, Any]
+) -> tuple[Callable[[Runner], Any], dict[str, Any]]:
+    """Weight Weaving's per-unit function for a method whose statistics arrive in ``extras``."""
+    from ..weaving.pools import make_pool
+    from ..weaving.search import build_groups, parse_lambdas
+    from ..weaving.weave import Weaver
+
+    known = {"lambdas", "setup", "search", "points", "pool", "pool_over", "pool_hyperparameters"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"weave option '{unknown[0]}' is not one of: {', '.join(sorted(known))}")
+    groups = build_groups(
+        get_method(method),
+        lambdas=parse_lambdas(options.get("lambdas")),
+        setup=options.get("setup", "multitask"),
+        fixed=dict(fixed),
+        search=options.get("search"),
+        points=options.get("points"),
+    )
+    pool = options.get("pool", "mean")
+    weaver = Weaver(
+        method, groups, make_pool(pool, options.get("pool_hyperparameters")), options.get("pool_over", "all")
+    )
+
+    def prepare(runner: Runner) -> Any:
+        weaver.prepare(runner)
+        return weaver
+
+    space = [{"hyperparameters": g.hyperparameters, "lambdas": list(g.lams)} for g in groups]
+    return prepare, {"search_space": space, "pool": pool, "pool_over": options.get("pool_over", "all")}
+
+
 def read_state(source: Source, label: str) -> dict[str, Tensor]:
     ckpt = open_checkpoint(source, label=label)
     try:
@@ -89,6 +122,7 @@ def merge_with_data(
     batch_size: int | None = None,
     steps: int = 500,
     lr: float = 1e-3,
+    weave: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     **hyperparameters: Any,
 ) -> dict[str, Tensor] | Path:
@@ -106,6 +140,10 @@ def merge_with_data(
             CAT: 5, or all when fewer). input_shape: the expected (C, H, W) of every input.
         seed: draws the inputs and orders the batches; the same seed gives the same bytes.
         steps, lr: AdaMerging/CART++ training (500 steps, Adam lr 1e-3).
+        weave: CAT only: Weight Weaving over its λ (and ``c``/``alpha`` with ``search``) instead of one
+            merge, e.g. ``{"lambdas": "0.1:1.0", "search": {"c": [1, 3, 5]}, "pool": "mean"}``; keys as
+            :func:`weightweaving.weave`'s ``lambdas``, ``setup``, ``search``, ``points``, ``pool``,
+            ``pool_over``, ``pool_hyperparameters``.
         **hyperparameters: CAT: ``c``, ``alpha``; AdaMerging: ``init`` (0.3); CART++: ``init`` (1.0),
             ``rank_fraction`` (0.08), ``svd_include``.
 
@@ -149,10 +187,16 @@ def merge_with_data(
             prefix=prefix,
             forward=forward,
         )
-        record |= {"lambda": lam, "hyperparameters": p.model_dump(mode="json"), "not_hooked": stats.skipped}
+        record |= {"hyperparameters": p.model_dump(mode="json"), "not_hooked": stats.skipped}
+        prepare_cat: Callable[[Runner], Any]
+        if weave is not None:
+            prepare_cat, woven = weaver_for(method, weave, hyperparameters)
+            record |= {"weave": woven}
+        else:
+            record |= {"lambda": lam}
 
-        def prepare_cat(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
-            return lambda tv, ctx: chosen.merge_unit(tv, p, lam, ctx)
+            def prepare_cat(runner: Runner) -> Callable[[Tensor, UnitContext], Tensor]:
+                return lambda tv, ctx: chosen.merge_unit(tv, p, lam, ctx)
 
         return run_job(
             pretrained, finetuned, prepare_cat, record, out=out, overwrite=overwrite, shard_size=None,
