@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from statistics import mean
 from typing import Any
@@ -49,7 +49,7 @@ def _exemplars(zoo: Zoo, count: int) -> list[Tensor]:
     return out
 
 
-def cat_vector(zoo: Zoo, finetuned: list[StateDict], count: int, **params: Any) -> StateDict:
+def cat_vector(zoo: Zoo, finetuned: Sequence[StateDict], count: int, **params: Any) -> StateDict:
     """CAT's merged task vector at λ = 1 (the method is linear in λ) with ``count`` exemplars per task."""
     model = build_model(zoo.recipe.vit, seed=0)
     stats = gather_statistics(model, zoo.pretrained, finetuned, _exemplars(zoo, count))
