@@ -118,6 +118,10 @@ class ExemplarProjection(Method):
     single_model_identity = True  # T = 1: nothing to project against
     order_invariant = False  # the projections are applied in task order
     uses_data = True
+    data_free = False
+    reported = "CAT Merging paper, 8 tasks: ViT-B/32 76.1 (78.0 with one exemplar per task), ViT-L/14 86.7"
+    reference = "paper only (Sun et al., ICML 2025, arXiv 2505.06977); no authors' code could be checked"
+    oracle_exempt = "uses data: needs a forward pass over exemplars; tested by closed-form properties"
     summary = "uses data: CAT Merging, task vectors with the other tasks' conflict directions removed"
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
