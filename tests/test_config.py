@@ -74,7 +74,7 @@ def inputs(tmp_path):
     [
         (
             ["--method", "tie"],
-            "unknown method 'tie'; valid methods: breadcrumbs, cart, dare, gta, iso_c, iso_cts, magmax, "
+            "unknown method 'tie'; valid methods: breadcrumbs, cart, dare, exemplar_projection, gta, iso_c, iso_cts, magmax, "
             "model_stock, pcb, slerp, svc, task_arithmetic, ties, tsv, weight_averaging, wudi; "
             "did you mean 'ties'?",
         ),
@@ -85,7 +85,8 @@ def inputs(tmp_path):
         (
             ["--weave", "--pool", "meen"],
             "unknown pool 'meen'; valid pools: mean, random, magmax, trimmed_mean, median, agreement, "
-            "fitted_lambda, calibrated, breadcrumbs, cart, dare, gta, iso_c, iso_cts, model_stock, pcb, "
+            "fitted_lambda, calibrated, breadcrumbs, cart, dare, exemplar_projection, gta, iso_c, iso_cts, "
+            "model_stock, pcb, "
             "slerp, svc, task_arithmetic, ties, tsv, weight_averaging, wudi; did you mean 'mean'?",
         ),
         (["--method", "slerp"], "method 'slerp' merges exactly 1 fine-tuned model, got 3"),

@@ -10,6 +10,7 @@ from .checkpoints import open_checkpoint
 from .errors import WeightWeavingError
 from .methods import get_method, list_methods
 from .weaving import weave
+from .withdata import merge_with_data
 
 __all__ = [
     "WeightWeavingError",
@@ -17,6 +18,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "merge",
+    "merge_with_data",
     "open_checkpoint",
     "weave",
 ]

@@ -167,8 +167,27 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                 assert 0 <= entry["average"] <= 100
             assert "lam" in results[setup][method]["tuned"]
     assert set(results["continual"]["zero_shot"]["per_task"]) == {"split5"}
+    # the methods that use data: multi-task only, apart from the data-free methods
+    multitask = results["multitask"]
+    for method in ("exemplar_projection", "adamerging", "cart_adamerging"):
+        assert multitask[method]["uses_data"] is True
+        assert set(multitask[method]["default"]["per_task"]) == set(multitask["zero_shot"]["per_task"])
+        assert 0 <= multitask[method]["default"]["average"] <= 100
+        assert method not in results["domain"]
+    assert (
+        multitask["exemplar_projection"]["tuned"]["lam"]
+        in multitask["exemplar_projection"]["sweep"]["lambdas"]
+    )
+    assert list(multitask["exemplar_projection"]["exemplars_curve"]["average"]) == ["1", "2", "4", "8", "16"]
+    assert "## Uses data (multi-task; not data-free)" in (folder / "report.md").read_text()
     assert (folder / "report.md").read_text().startswith("# weightweaving suite")
-    for png in ("sweeps.png", "best_lambda_hist.png", "cosine.png", "interference.png"):
+    for png in (
+        "sweeps.png",
+        "best_lambda_hist.png",
+        "cosine.png",
+        "interference.png",
+        "with_data_exemplars.png",
+    ):
         assert (folder / png).stat().st_size > 0
     assert "task_arithmetic" in capsys.readouterr().out
     first_meta = json.loads((folder / "config.json").read_text())

@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (imported for registration)
     breadcrumbs,
     cart,
     dare,
+    exemplar_projection,
     gta,
     iso_c,
     iso_cts,

@@ -168,6 +168,9 @@ class Method:
     num_models: ClassVar[tuple[int, int | None]] = (1, None)
     # True when the method needs the base weights themselves (``ctx.base``), not only task vectors.
     needs_base: ClassVar[bool] = False
+    # True when the method needs data beyond the weights (exemplars, test inputs): it is run through
+    # ``weightweaving.withdata`` and reported apart from the data-free methods.
+    uses_data: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # Declared by every method (tests/methods/test_properties.py checks): whether it needs data
     # beyond the checkpoints, the CLIP figures its authors or the Weight Weaving paper report, and

@@ -115,6 +115,10 @@ class Recipe:
     strategies: tuple[str, ...] = STRATEGIES  # data-free pools evaluated in every setup
     grid_stride: int = 1  # take every k-th point of the paper's λ grid (quick profiles)
     interference_lams: tuple[float, ...] = (0.3, 1.0)
+    # the methods that use data (multi-task only, reported apart): AdaMerging/CART++ training schedule
+    with_data: bool = True
+    with_data_steps: int = 500  # the authors' 500 Adam steps at lr 1e-3
+    with_data_lr: float = 1e-3
 
     def pretraining(self, seed: int) -> EncoderRecipe:
         """The encoder a run pre-trains for itself when the recipe ships none."""
@@ -142,6 +146,8 @@ PROFILES: dict[str, Recipe] = {
         cl_steps=30,
         grid_stride=2,
         pool_setups=("multitask",),
+        with_data_steps=50,  # a shortened schedule: a tenth of the steps at ten times the lr
+        with_data_lr=1e-2,
     ),
     "micro": Recipe(
         name="micro",
@@ -160,5 +166,7 @@ PROFILES: dict[str, Recipe] = {
         grid_stride=5,
         pool_setups=("multitask", "continual", "domain"),
         interference_lams=(1.0,),
+        with_data_steps=2,
+        with_data_lr=1e-2,
     ),
 }

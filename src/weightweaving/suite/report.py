@@ -26,7 +26,51 @@ Results = dict[str, Any]
 
 
 def methods_of(results: Results, setup: str) -> list[str]:
-    return [m for m, v in results[setup].items() if isinstance(v, dict) and "tuned" in v]
+    """The data-free methods scored in ``setup`` (the ones that use data are reported apart)."""
+    return [
+        m
+        for m, v in results[setup].items()
+        if isinstance(v, dict) and "tuned" in v and not v.get("uses_data")
+    ]
+
+
+def with_data_of(results: Results, setup: str) -> list[str]:
+    """The methods that use data scored in ``setup`` (``suite/withdata.py``)."""
+    return [m for m, v in results.get(setup, {}).items() if isinstance(v, dict) and v.get("uses_data")]
+
+
+def with_data_section(results: Results) -> list[str]:
+    """Markdown for the methods that use data (multi-task), against Task Arithmetic at λ = 1."""
+    names = with_data_of(results, "multitask")
+    if not names:
+        return []
+    mt = results["multitask"]
+    ta = mt.get("task_arithmetic", {}).get("data_free", {}).get("average")
+    lines = ["", "## Uses data (multi-task; not data-free)", ""]
+    lines.append(
+        "These methods see data the data-free ones do not: CAT Merging a few unlabeled training images per "
+        "task, AdaMerging and CART++ the unlabeled test images (test-time adaptation)."
+    )
+    lines += ["", "| method | variant | average | vs Task Arithmetic λ = 1 |", "|---|---|---|---|"]
+    for m in names:
+        for variant in ("default", "tuned"):
+            if variant in mt[m]:
+                avg = mt[m][variant]["average"]
+                delta = f"{avg - ta:+.1f}" if ta is not None else "n/a"
+                extra = f" (λ = {mt[m][variant]['lam']})" if "lam" in mt[m][variant] else ""
+                lines.append(f"| {m} | {variant}{extra} | {_f(avg)} | {delta} |")
+    curve = mt.get("exemplar_projection", {}).get("exemplars_curve")
+    if curve:
+        lines += [
+            "",
+            f"CAT Merging against exemplars per task (λ = {curve['lam']}): see `with_data_exemplars.png`.",
+            "",
+        ]
+        lines += ["| exemplars per task | " + " | ".join(curve["average"]) + " |"]
+        lines += ["|---" * (len(curve["average"]) + 1) + "|"]
+        lines += ["| average | " + " | ".join(_f(v) for v in curve["average"].values()) + " |"]
+    lines += ["", *[f"- {m}: {mt[m]['note']}" for m in names if "note" in mt[m]]]
+    return lines
 
 
 def _f(x: float) -> str:
@@ -390,9 +434,11 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
             if isinstance(results[s][label], dict)
             and "note" in results[s][label]
             and "tuned" not in results[s][label]
+            and not results[s][label].get("uses_data")
         ]
         if notes:
             lines += ["", f"Notes ({SETUP_TITLES[s]}):", *notes]
+    lines += with_data_section(results)
     lines += [
         "",
         "Plots: `sweeps.png` (λ sweeps), `best_lambda_hist.png` (Fig. 2), `cosine.png` (Fig. 3), `interference.png`.",
@@ -421,6 +467,8 @@ def summary(results: Results, diagnostics: Results) -> str:
                 )
             )
         lines.append(f"{m:<16}" + "  ".join(cells))
+    for m in with_data_of(results, "multitask"):
+        lines.append(f"{m:<16}{results['multitask'][m]['default']['average']:6.1f}  (multi-task, uses data)")
     for claim, held, evidence in verdicts(results, diagnostics):
         lines.append(f"[{'yes' if held else 'NO '}] {claim} ({evidence})")
     return "\n".join(lines)
@@ -490,6 +538,20 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         written.append(_save(fig, folder / "interference.png"))
+    curve = results.get("multitask", {}).get("exemplar_projection", {}).get("exemplars_curve")
+    if curve:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        counts = [int(n) for n in curve["average"]]
+        ax.plot(counts, list(curve["average"].values()), "-o", ms=4, label="CAT Merging")
+        ta = results["multitask"].get("task_arithmetic", {}).get("data_free", {}).get("average")
+        if ta is not None:
+            ax.axhline(ta, color="C1", ls="--", lw=1, label="Task Arithmetic λ = 1")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("unlabeled exemplars per task")
+        ax.set_ylabel("multi-task accuracy (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "with_data_exemplars.png"))
     return written
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import weightweaving
 
-from . import protocols, report, train
+from . import protocols, report, train, withdata
 from .cache import CheckpointCache, default_cache_dir
 from .merging import available_methods
 from .parallel import default_workers, fork_map
@@ -79,6 +79,10 @@ def run_suite(
         trained = time.perf_counter()
         methods = available_methods(recipe.methods)
         results, diagnostics = _score(zoo, methods, workers, show)
+        if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
+            results["multitask"].update(
+                withdata.score_with_data(zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride)
+            )
     finished = time.perf_counter()
     meta = {
         "profile": name,
