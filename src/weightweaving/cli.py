@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config (YAML; relative paths from its folder):\n  base: clip-vit-b32/\n  tasks:\n"
         "    EuroSAT: {data: data/eurosat/test, checkpoint: ft/eurosat}\n"
         "    MNIST: {data: data/mnist, checkpoint: ft/mnist}\n"
-        "  continual: [{name: split3, data: data/c/test, checkpoints: [seq/1, seq/2, seq/3]}]\n"
+        "  continual: [{name: split3, data: data/c/test, checkpoints: [seq/1, seq/2, seq/3],\n"
+        "    individual: [ind/1, ind/2, ind/3], class_groups: [[0, 1], [2, 3], [4, 5]]}]  # optional pair\n"
         "  methods: [task_arithmetic, ties, tsv]\n  out: runs/reproduce",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
