@@ -52,7 +52,7 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str = Field(
-        description="evaluation images: an image folder, a CSV of path,label, or MNIST raw files"
+        description="evaluation images: an image folder, a CSV of path,label, MNIST/SVHN files, hf:FOLDER"
     )
     checkpoint: str = Field(
         description="the task's fine-tuned CLIP (CLIPModel or CLIPVisionModel folder, state dict)"
