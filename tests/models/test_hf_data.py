@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets  # noqa: E402  (the hf extra; the test extra installs it)
+import datasets  # the hf extra (the test extra installs it)
 import pytest
 from PIL import Image
 
