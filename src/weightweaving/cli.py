@@ -301,7 +301,9 @@ def _clip_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default: 128)")
     p.add_argument(
-        "--cache-dir", help="cache zero-shot heads here (safetensors, keyed by model, classes, templates)"
+        "--cache-dir",
+        help="cache zero-shot heads (keyed by text encoder, classes, templates) and image features "
+        "(evaluate; keyed by image encoder, data, processor) here, as safetensors",
     )
     p.add_argument(
         "--workers", type=int, default=0, help="image-loading processes (default: 0, in the main one)"
