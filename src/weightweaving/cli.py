@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config (YAML; relative paths from its folder):\n  base: clip-vit-b32/\n  tasks:\n"
         "    EuroSAT: {data: data/eurosat/test, checkpoint: ft/eurosat}\n"
         "    MNIST: {data: data/mnist, checkpoint: ft/mnist}\n"
-        "  continual: [{name: split3, data: data/c/test, checkpoints: [seq/1, seq/2, seq/3]}]\n"
+        "  continual: [{name: split3, data: data/c/test, checkpoints: [seq/1, seq/2, seq/3],\n"
+        "    individual: [ind/1, ind/2, ind/3], class_groups: [[0, 1], [2, 3], [4, 5]]}]  # optional pair\n"
         "  methods: [task_arithmetic, ties, tsv]\n  out: runs/reproduce",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -209,7 +210,8 @@ def _clip_task_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME=DATA",
-        help="a task: an image folder (a sub-folder per class), a CSV of path,label, or MNIST raw files; "
+        help="a task: an image folder (a sub-folder per class), a CSV of path,label, MNIST/SVHN files, or "
+        "hf:FOLDER[:SPLIT] (a datasets save_to_disk folder; hf-hub:NAME loads one from the hub); "
         "a paper dataset NAME (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) brings its "
         "class names and templates (repeatable)",
     )
@@ -226,7 +228,9 @@ def _clip_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default: 128)")
     p.add_argument(
-        "--cache-dir", help="cache zero-shot heads here (safetensors, keyed by model, classes, templates)"
+        "--cache-dir",
+        help="cache zero-shot heads (keyed by text encoder, classes, templates) and image features "
+        "(evaluate; keyed by image encoder, data, processor) here, as safetensors",
     )
     p.add_argument(
         "--workers", type=int, default=0, help="image-loading processes (default: 0, in the main one)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.models.tiny_clip import transformers
@@ -71,7 +72,7 @@ def test_accuracy_equals_transformers(clip_dir, images, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "colours" in printed and "average" in printed
     # the cached head is reused, and refused when renamed to stand for other classes
-    cached = sorted((tmp_path / "heads").iterdir())
+    cached = sorted((tmp_path / "heads").glob("*.safetensors"))  # heads (features: under features/)
     assert len(cached) == 1
     code = main(
         [
@@ -141,3 +142,44 @@ def test_bad_inputs_are_one_line_errors(clip_dir, images, tmp_path, capsys):
     (other / "config.json").write_text('{"model_type": "bert"}')
     line = _error(capsys, "evaluate", "--model", str(other), "--task", f"colours={images}")
     assert line == f"error: {other / 'config.json'}: is not a CLIP model folder (model_type 'bert')"
+
+
+def test_feature_cache_skips_the_forward_pass_for_the_same_encoder(clip_dir, images, tmp_path, monkeypatch):
+    """--cache-dir keeps each task's image features keyed by encoder, data and processor."""
+    from weightweaving.models.clip import load_clip
+
+    cache, task = str(tmp_path / "cache"), ["--task", f"colours={images}"]
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    assert (
+        main(["evaluate", "--model", str(clip_dir), *task, "--cache-dir", cache, "--json", str(first)]) == 0
+    )
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 1
+    plain = tmp_path / "plain.json"
+    assert main(["evaluate", "--model", str(clip_dir), *task, "--json", str(plain)]) == 0
+    assert json.loads(first.read_text())["per_task"] == json.loads(plain.read_text())["per_task"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the image encoder ran although its features are cached")
+
+    monkeypatch.setattr(transformers.CLIPModel, "get_image_features", refuse)
+    assert (
+        main(["evaluate", "--model", str(clip_dir), *task, "--cache-dir", cache, "--json", str(second)]) == 0
+    )
+    assert json.loads(second.read_text())["per_task"] == json.loads(first.read_text())["per_task"]
+    # another image encoder (one weight changed) is not answered from the cache
+    clip = load_clip(str(clip_dir))
+    with torch.no_grad():
+        clip.model.visual_projection.weight[0, 0] += 1.0
+    clip.model.save_pretrained(str(tmp_path / "changed"))
+    for name in (
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ):
+        if (clip_dir / name).is_file():
+            (tmp_path / "changed" / name).write_bytes((clip_dir / name).read_bytes())
+    with pytest.raises(AssertionError, match="the image encoder ran"):
+        main(["evaluate", "--model", str(tmp_path / "changed"), *task, "--cache-dir", cache])

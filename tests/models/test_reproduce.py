@@ -42,7 +42,16 @@ def run(clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
             "colour": {"data": "colour-test", "checkpoint": "ft-colour"},
             "shape": {"data": "shape-test", "checkpoint": "ft-shape"},
         },
-        "continual": [{"name": "colours2", "data": "colour-test", "checkpoints": ["ft-colour", "seq2"]}],
+        "continual": [
+            {
+                "name": "colours2",
+                "data": "colour-test",
+                "checkpoints": ["ft-colour", "seq2"],
+                # task-aware individual baseline: each task's own model on its classes (a name or an index)
+                "individual": ["ft-colour", "ft-shape"],
+                "class_groups": [["blue", "red"], [1]],
+            }
+        ],
         "methods": ["task_arithmetic", "ties"],
         "grid_stride": 4,
         "batch_size": 16,
@@ -122,3 +131,57 @@ def test_bad_config_is_one_line_error(run, capsys):
     )
     assert main(["reproduce", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {bad}: tasks: give at least two tasks"
+
+
+def test_diagnostics_match_an_independent_computation(run, clip_dir):
+    from weightweaving.models.clip import load_clip
+    from weightweaving.suite.protocols import cosine_matrix
+
+    results = json.loads((run["out"] / "results.json").read_text())
+    diag, root = results["diagnostics"], run["root"]
+
+    def encoder(name: str) -> dict:
+        return load_clip(str(root / name), base=str(clip_dir)).image_encoder_state()
+
+    base = load_clip(str(clip_dir)).image_encoder_state()
+    seq = cosine_matrix(base, [encoder("ft-colour"), encoder("seq2")])
+    ind = cosine_matrix(base, [encoder("ft-colour"), encoder("ft-shape")])
+    cos = diag["cosine"]["colours2"]
+    assert sum(cos["sequential"], []) == pytest.approx(sum(seq, []), abs=1e-5)
+    assert sum(cos["individual"], []) == pytest.approx(sum(ind, []), abs=1e-5)
+    assert diag["multitask_task_vector_cosine"] == pytest.approx(ind[0][1], abs=1e-5)
+    # interference at λ = 1: task vector j added in full is task j's own fine-tune
+    (block,) = diag["interference"]
+    assert block["lam"] == 1.0 and block["tasks"] == ["colour", "shape"]
+    mt = results["multitask"]
+    for i, name in enumerate(block["tasks"]):
+        own = mt["individual"]["per_task"][name] - mt["zero_shot"]["per_task"][name]
+        assert block["delta"][i][i] == pytest.approx(own)
+    report = (run["out"] / "report.md").read_text()
+    assert "## Interference diagnostic" in report and "## Task-vector cosine similarity" in report
+    assert "sequential fine-tuning gives more correlated task vectors" in report
+    assert (run["out"] / "cosine.png").is_file() and (run["out"] / "interference.png").is_file()
+
+
+def test_continual_individual_is_task_aware_routing(run, capsys):
+    """Each task's own model on a folder of just its classes, weighted by images: the routed baseline."""
+    import shutil
+
+    root = run["root"]
+    correct, total = 0.0, 0
+    for model, group in (("ft-colour", ["blue", "red"]), ("ft-shape", ["green"])):
+        folder = root / f"group-{model}"
+        for name in group:
+            if not (folder / name).exists():
+                shutil.copytree(run["colour"] / name, folder / name)
+        out = root / f"group-{model}.json"
+        assert (
+            main(["evaluate", "--model", str(root / model), "--task", f"g={folder}", "--json", str(out)]) == 0
+        )
+        images = json.loads(out.read_text())["images"]["g"]
+        correct += images * json.loads(out.read_text())["per_task"]["g"]
+        total += images
+    results = json.loads((run["out"] / "results.json").read_text())
+    individual = results["continual"]["individual"]
+    assert individual["per_task"]["colours2"] == pytest.approx(correct / total)
+    assert "task-aware" in individual["note"]

@@ -6,7 +6,12 @@
   names are its class names;
 * a CSV file of ``path,label`` (paths relative to the CSV; the label a class name or an index);
 * torchvision's MNIST raw files (``MNIST/raw/t10k-images-idx3-ubyte[.gz]`` and the labels file);
-* torchvision's SVHN file ``test_32x32.mat`` (read with scipy, when it is installed).
+* torchvision's SVHN file ``test_32x32.mat`` (read with scipy, when it is installed);
+* Hugging Face ``datasets`` (the ``hf`` extra): ``hf:FOLDER[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]``, a
+  folder written by ``save_to_disk`` (read with ``load_from_disk``; nothing is downloaded), and
+  ``hf-hub:NAME[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]``, a hub dataset loaded with ``load_dataset`` (which
+  may download: only when asked for this way). Columns default to the first ``Image`` feature and
+  the first ``ClassLabel`` feature (else a column named ``label`` or ``labels``).
 
 Images are opened one batch at a time; nothing holds a whole dataset in memory (MNIST's raw file
 is the exception: 8 MB for the test split).
@@ -38,6 +43,7 @@ class ImageSet:
     items: list[tuple[Any, int]]
     source: str
     arrays: Tensor | None = None  # (N, H, W) or (N, H, W, 3) uint8 for raw formats
+    rows: Any = None  # a Hugging Face dataset holding only the image column (``where`` is the row)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -47,6 +53,11 @@ class ImageSet:
         from PIL import Image, UnidentifiedImageError
 
         where, _ = self.items[i]
+        if self.rows is not None:
+            value = self.rows[int(where)][self.rows.column_names[0]]
+            if not hasattr(value, "convert"):
+                raise WeightWeavingError(f"row {where} does not hold an image", path=self.source)
+            return value.convert("RGB")
         if self.arrays is not None:
             return Image.fromarray(self.arrays[where].numpy()).convert("RGB")
         try:
@@ -59,11 +70,11 @@ class ImageSet:
         return torch.tensor([label for _, label in self.items], dtype=torch.long)
 
     def subset(self, indices: Sequence[int]) -> ImageSet:
-        return ImageSet(self.classes, [self.items[i] for i in indices], self.source, self.arrays)
+        return ImageSet(self.classes, [self.items[i] for i in indices], self.source, self.arrays, self.rows)
 
 
 def open_images(data: str | Path, classes: Sequence[str] | None = None) -> ImageSet:
-    """Open ``data`` (an image folder, a CSV of ``path,label``, or an MNIST raw folder).
+    """Open ``data`` (an image folder, a CSV of ``path,label``, MNIST/SVHN files, or ``hf:``/``hf-hub:``).
 
     Args:
         data: where the images are.
@@ -73,6 +84,8 @@ def open_images(data: str | Path, classes: Sequence[str] | None = None) -> Image
     Returns:
         An :class:`ImageSet`; images are read later, a batch at a time.
     """
+    if isinstance(data, str) and data.startswith(("hf:", "hf-hub:")):
+        return _from_hf(data, classes)
     path = Path(data)
     if not path.exists():
         raise WeightWeavingError("no such file or folder", path=path)
@@ -185,6 +198,75 @@ def _from_mnist(root: Path, images: Path, labels: Path, classes: Sequence[str] |
         raise WeightWeavingError("holds a different number of labels than images", path=labels)
     classes = list(classes) if classes is not None else [str(d) for d in range(10)]
     return ImageSet(classes, [(i, int(t)) for i, t in enumerate(targets)], str(root), pixels)
+
+
+def _from_hf(spec: str, classes: Sequence[str] | None) -> ImageSet:
+    """A Hugging Face dataset: ``hf:FOLDER`` (``save_to_disk``) or ``hf-hub:NAME``, then ``[:SPLIT[:IMAGE:LABEL]]``."""
+    kind, _, rest = spec.partition(":")
+    where, *more = rest.split(":")
+    if len(more) not in (0, 1, 3) or not where:
+        raise WeightWeavingError(f"'{spec}' is not {kind}:WHERE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+    split = more[0] if more and more[0] else None
+    columns = (more[1], more[2]) if len(more) == 3 else None
+    try:
+        import datasets
+    except ImportError:
+        raise WeightWeavingError(
+            "reading Hugging Face datasets needs the hf extra (pip install 'weightweaving[hf]')", path=where
+        ) from None
+    if kind == "hf":
+        if not Path(where).is_dir():
+            raise WeightWeavingError("no such folder (hf: reads a save_to_disk folder)", path=where)
+        try:
+            loaded: Any = datasets.load_from_disk(where)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise WeightWeavingError(f"is not a datasets save_to_disk folder: {exc}", path=where) from None
+    else:
+        loaded = datasets.load_dataset(where, split=split)  # asked for explicitly: may download
+        split = None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        chosen = split or ("test" if "test" in splits else (splits[0] if len(splits) == 1 else None))
+        if chosen not in splits:
+            raise WeightWeavingError(
+                f"choose a split: {kind}:{where}:SPLIT, one of {', '.join(splits)}", path=where
+            )
+        loaded = loaded[chosen]
+    elif split is not None and kind == "hf":
+        raise WeightWeavingError(f"holds one dataset, not splits ('{split}' was asked for)", path=where)
+    features = loaded.features
+    if columns is None:
+        image = next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
+        label = next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        label = label or next((n for n in ("label", "labels") if n in features), None)
+        if image is None or label is None:
+            raise WeightWeavingError(
+                f"no {'image' if image is None else 'label'} column found among {', '.join(features)}; "
+                f"give them: {kind}:{where}:SPLIT:IMAGE_COLUMN:LABEL_COLUMN",
+                path=where,
+            )
+        columns = (image, label)
+    missing = [c for c in columns if c not in features]
+    if missing:
+        raise WeightWeavingError(f"has no column '{missing[0]}' (columns: {', '.join(features)})", path=where)
+    image, label = columns
+    values = loaded[label]
+    feature = features[label]
+    if classes is None:
+        if isinstance(feature, datasets.ClassLabel):
+            classes = list(feature.names)
+        elif all(isinstance(v, str) for v in values):
+            classes = sorted(set(values))
+        else:
+            classes = [str(i) for i in range(max(int(v) for v in values) + 1)]
+    index = {name: i for i, name in enumerate(classes)}
+    items: list[tuple[Any, int]] = []
+    for row, value in enumerate(values):
+        target = index.get(value) if isinstance(value, str) else int(value)
+        if target is None or not 0 <= target < len(classes):
+            raise WeightWeavingError(f"row {row}: label '{value}' is not one of the classes", path=where)
+        items.append((row, target))
+    return ImageSet(list(classes), items, spec, rows=loaded.select_columns([image]))
 
 
 @dataclass

@@ -7,6 +7,7 @@ in memory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -16,11 +17,12 @@ from pathlib import Path
 from statistics import mean
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import OptionError
-from .clip import Clip
+from .clip import Clip, is_vision_parameter
 from .data import ImageSet, batches, open_images
 from .heads import cached_head, pooled, text_side_hash
 from .templates import DEFAULT_TEMPLATES, find_paper_dataset, paper_classes, paper_templates, read_lines
@@ -149,6 +151,73 @@ def task_heads(clip: Clip, tasks: Sequence[Task], cache_dir: str | Path | None) 
     }
 
 
+def vision_side_hash(clip: Clip) -> str:
+    """sha256 of every tensor the image features depend on (the vision tower and its projection)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(clip.model.state_dict().items()):
+        if is_vision_parameter(name) and not name.endswith("position_ids"):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_hash(data: ImageSet) -> str:
+    """What a task's images are: their places, labels and (files) sizes and times, or the arrays' bytes."""
+    digest = hashlib.sha256(json.dumps([data.source, data.classes]).encode())
+    if data.rows is not None:
+        digest.update(str(getattr(data.rows, "_fingerprint", "")).encode())
+    if data.arrays is not None:
+        digest.update(data.arrays.contiguous().numpy().tobytes())
+    for where, label in data.items:
+        stamp = ""
+        if data.rows is None and data.arrays is None:
+            try:
+                info = os.stat(where)
+                stamp = f"{info.st_size}:{info.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+        digest.update(f"{where}\t{label}\t{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_features(
+    clip: Clip,
+    data: ImageSet,
+    cache_dir: str | Path,
+    *,
+    model_hash: str,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "",
+    workers: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """All of ``data``'s normalised image features and labels, from ``cache_dir/features`` or computed once.
+
+    The key is the image encoder's hash, the data's hash and the image processor's settings; the
+    file is written to a staging name and renamed into place.
+    """
+    processor = json.dumps(clip.processor.to_dict(), sort_keys=True, default=str)
+    key = hashlib.sha256(f"{model_hash}|{data_hash(data)}|{processor}".encode()).hexdigest()[:24]
+    target = Path(cache_dir) / "features" / f"{key}.safetensors"
+    if target.is_file():
+        try:
+            stored = load_file(str(target))
+            if len(stored["labels"]) == len(data):
+                return stored["features"], stored["labels"]
+        except (OSError, KeyError, RuntimeError, ValueError):
+            pass  # an unreadable cache entry is recomputed
+    parts = list(
+        image_features(clip, data, batch_size=batch_size, progress=progress, desc=desc, workers=workers)
+    )
+    features = torch.cat([f for f, _ in parts]) if parts else torch.zeros(0)
+    labels = torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(staging))
+    staging.replace(target)
+    return features, labels
+
+
 def evaluate_clip(
     clip: Clip,
     tasks: Sequence[Task],
@@ -159,8 +228,29 @@ def evaluate_clip(
     progress: bool = False,
     workers: int = 0,
 ) -> dict[str, float]:
-    """Accuracy (percent) per task, with each task's zero-shot head (built, or read from the cache)."""
+    """Accuracy (percent) per task, with each task's zero-shot head (built, or read from the cache).
+
+    With ``cache_dir``, each task's image features are cached too (keyed by the image encoder's
+    hash, the data and the processor): evaluating the same encoder again skips the forward pass.
+    """
     heads = heads if heads is not None else task_heads(clip, tasks, cache_dir)
+    if cache_dir is not None:
+        model_hash = vision_side_hash(clip)
+        scores = {}
+        for t in tasks:
+            features, labels = cached_features(
+                clip,
+                t.data,
+                cache_dir,
+                model_hash=model_hash,
+                batch_size=batch_size,
+                progress=progress,
+                desc=t.name,
+                workers=workers,
+            )
+            correct = int(((features @ heads[t.name].T).argmax(dim=1) == labels).sum())
+            scores[t.name] = 100.0 * correct / len(t.data)
+        return scores
     return {
         t.name: accuracy(
             clip,

@@ -16,13 +16,15 @@ that is stopped and started again continues where it was.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..api import versions
@@ -49,7 +52,7 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str = Field(
-        description="evaluation images: an image folder, a CSV of path,label, or MNIST raw files"
+        description="evaluation images: an image folder, a CSV of path,label, MNIST/SVHN files, hf:FOLDER"
     )
     checkpoint: str = Field(
         description="the task's fine-tuned CLIP (CLIPModel or CLIPVisionModel folder, state dict)"
@@ -69,6 +72,12 @@ class ContinualConfig(BaseModel):
     checkpoints: list[str] = Field(min_length=1, description="the sequential fine-tunes, first to last")
     classes: str | None = None
     templates: str | None = None
+    individual: list[str] | None = Field(
+        None, description="each task's own fine-tune of the base on its classes only (same order)"
+    )
+    class_groups: list[list[str | int]] | None = Field(
+        None, description="each task's classes (names or label indices), in the order of the checkpoints"
+    )
 
 
 def _all_pools() -> list[Literal["mean", "random", "magmax"]]:
@@ -91,6 +100,9 @@ class ReproduceOptions(BaseModel):
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     pools: list[Literal["mean", "random", "magmax"]] = Field(default_factory=_all_pools)
     grid_stride: int = Field(1, ge=1, description="score every n-th λ of the paper's grid (1: all)")
+    interference_lams: list[float] = Field(
+        default_factory=lambda: [1.0], description="λ of the interference diagnostic ([]: none)"
+    )
     seed: int = 0
     device: str = "cpu"
     batch_size: int = Field(128, ge=1)
@@ -126,16 +138,24 @@ def load_options(path: str | Path, overrides: dict[str, Any] | None = None) -> R
     def fix(value: str | None) -> str | None:
         return rel(value) or value
 
+    def fix_data(value: str) -> str:
+        if value.startswith("hf:"):  # hf:FOLDER[:...]: the folder is taken from the config's folder
+            where, sep, more = value[3:].partition(":")
+            return f"hf:{fix(where)}{sep}{more}"
+        return value if value.startswith("hf-hub:") else fix(value) or value
+
     options.base = fix(options.base) or options.base
     if (overrides or {}).get("out") is None:  # --out is taken from the working folder, as typed
         options.out = fix(options.out) or options.out
     for task in options.tasks.values():
-        task.data, task.checkpoint = fix(task.data) or task.data, fix(task.checkpoint) or task.checkpoint
+        task.data, task.checkpoint = fix_data(task.data), fix(task.checkpoint) or task.checkpoint
         task.classes, task.templates = fix(task.classes), fix(task.templates)
     for bench in options.continual:
-        bench.data = fix(bench.data) or bench.data
+        bench.data = fix_data(bench.data)
         bench.checkpoints = [fix(c) or c for c in bench.checkpoints]
         bench.classes, bench.templates = fix(bench.classes), fix(bench.templates)
+        if bench.individual is not None:
+            bench.individual = [fix(c) or c for c in bench.individual]
     _check(options, file)
     return options
 
@@ -154,6 +174,20 @@ def _check(options: ReproduceOptions, file: Path) -> None:
     unknown = [m for m in options.methods if m not in list_methods()]
     if unknown:
         raise OptionError(f"methods: unknown '{unknown[0]}'; valid: {', '.join(list_methods())}", path=file)
+    for bench in options.continual:
+        given = (bench.individual is not None, bench.class_groups is not None)
+        if any(given) and not all(given):
+            raise OptionError(
+                f"continual '{bench.name}': 'individual' and 'class_groups' are given together", path=file
+            )
+        for field in ("individual", "class_groups"):
+            value = getattr(bench, field)
+            if value is not None and len(value) != len(bench.checkpoints):
+                raise OptionError(
+                    f"continual '{bench.name}': {field} needs one entry per checkpoint "
+                    f"({len(bench.checkpoints)}), not {len(value)}",
+                    path=file,
+                )
     options.setups = list(setups)  # type: ignore[arg-type]
 
 
@@ -277,16 +311,145 @@ def _baselines(source: ClipSource, setup: str, files: dict[str, str], points: Po
         if setup == "domain":
             out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
         return out
-    zero, last = {}, {}
+    zero, last, own, routed = {}, {}, {}, []
     for b in source.options.continual:
         task = source.benchmarks[b.name]
         zero[b.name] = score(f"zero_shot/{b.name}", None, task)
         last[b.name] = score(f"sequential/{b.name}", source.encoder_file(b.checkpoints[-1]), task)
-    individual = entry(last)
-    individual["note"] = "the last sequential fine-tune (no task-aware routing of individual models)"
+        if b.individual is not None and b.class_groups is not None:
+            own[b.name] = _routed_accuracy(source, points, b.name, b.individual, b.class_groups)
+            routed.append(b.name)
+        else:
+            own[b.name] = last[b.name]
+    individual = entry(own)
+    individual["note"] = "; ".join(
+        part
+        for part in (
+            f"{', '.join(routed)}: task-aware: each task's individual model on its own classes' images and head rows"
+            if routed
+            else "",
+            f"{', '.join(n for n in own if n not in routed)}: the last sequential fine-tune "
+            "(no individual models and class groups given)"
+            if len(routed) < len(own)
+            else "",
+        )
+        if part
+    )
     sequential = entry(last)
     sequential["note"] = "the last model of sequential fine-tuning (no merging)"
     return {"zero_shot": entry(zero), "individual": individual, "sequential_finetuning": sequential}
+
+
+def _routed_accuracy(
+    source: ClipSource, points: PointStore, name: str, models: list[str], groups: list[list[str | int]]
+) -> float:
+    """Task-aware accuracy: task t's images (labels in its class group) scored by its own model and head rows."""
+    task, head = source.benchmarks[name], source.heads[name]
+    labels = task.data.labels()
+    correct, seen = 0.0, 0
+    for t, (model, group) in enumerate(zip(models, groups, strict=True)):
+        rows = [_class_index(task, c) for c in group]
+        remap = {label: i for i, label in enumerate(rows)}
+        chosen = [i for i in range(len(task.data)) if int(labels[i]) in remap]
+        if not chosen:
+            raise WeightWeavingError(
+                f"continual '{name}': class group {t + 1} has no images", path=task.data.source
+            )
+        items = [(task.data.items[i][0], remap[task.data.items[i][1]]) for i in chosen]
+        part = Task(
+            f"{name}/{t}",
+            dataclasses.replace(task.data, classes=[task.data.classes[r] for r in rows], items=items),
+            task.templates,
+        )
+        sub_head = head[torch.tensor(rows)]
+        encoder = source.encoder_file(model)
+
+        def compute(encoder: str = encoder, part: Task = part, sub_head: Tensor = sub_head) -> Scores:
+            source.clip.load_image_encoder(load_file(encoder))
+            return {
+                "accuracy": accuracy(
+                    source.clip,
+                    sub_head,
+                    part.data,
+                    batch_size=source.options.batch_size,
+                    workers=source.options.workers,
+                )
+            }
+
+        correct += len(chosen) * points(f"individual/{name}/{t}", compute)["accuracy"] / 100
+        seen += len(chosen)
+    return 100.0 * correct / seen
+
+
+def _class_index(task: Task, value: str | int) -> int:
+    classes = task.data.classes
+    if isinstance(value, int):
+        if not 0 <= value < len(classes):
+            raise OptionError(
+                f"class_groups: label {value} is not one of the {len(classes)} classes of '{task.name}'"
+            )
+        return value
+    if value not in classes:
+        raise OptionError(f"class_groups: '{value}' is not a class of '{task.name}'")
+    return classes.index(value)
+
+
+def _diagnostics(
+    source: ClipSource, files: dict[str, str], points: PointStore, setups: Sequence[str]
+) -> dict[str, Any]:
+    """Task-vector cosines (multi-task; continual: sequential and individual) and the interference matrix."""
+    from ..analysis.similarity import task_vector_similarity
+    from ..suite import protocols
+
+    def cosines(models: list[str]) -> list[list[float]]:
+        if len(models) < 2:
+            return [[1.0]]
+        return task_vector_similarity(source.pretrained, models, progress=False).model.tolist()
+
+    names = list(source.tasks)
+    out: dict[str, Any] = {
+        "multitask_task_vector_cosine": protocols.mean_offdiag(cosines([files[n] for n in names]))
+    }
+    if "continual" in setups:
+        out["cosine"] = {
+            b.name: protocols.cosine_summary(
+                cosines([source.encoder_file(c) for c in b.checkpoints]),
+                None if b.individual is None else cosines([source.encoder_file(c) for c in b.individual]),
+            )
+            for b in source.options.continual
+        }
+    tasks = list(source.tasks.values())
+    zero = {
+        n: points(f"zero_shot/{n}", functools.partial(source.scores_of, None, [t]))[n]
+        for n, t in source.tasks.items()
+    }
+    out["interference"] = []
+    for lam in source.options.interference_lams:
+        scored = [
+            points(
+                f"interference/lam={lam}/{j}",
+                functools.partial(_score_scaled, source, tasks, files[j], lam),
+            )
+            for j in names
+        ]
+        out["interference"].append(protocols.interference_block(lam, names, zero, scored))
+    return out
+
+
+def _score_scaled(source: ClipSource, tasks: list[Task], file: str, lam: float) -> Scores:
+    return source.evaluator(tasks)(_scaled(source, file, lam))
+
+
+def _scaled(source: ClipSource, file: str, lam: float) -> dict[str, Tensor]:
+    """``θ_pre + λ (θ_j − θ_pre)``, reading the fine-tune one tensor at a time."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(file, framework="pt") as fh:
+        for key, base in source.pretrained.items():
+            tuned = fh.get_tensor(key).to(base.device, base.dtype)
+            out[key] = base + lam * (tuned - base)
+    return out
 
 
 def _fingerprint(options: ReproduceOptions) -> str:
@@ -329,15 +492,16 @@ def reproduce(options: ReproduceOptions, *, progress: bool | None = None) -> Pat
                 points,
             )
             bar.update(1)
+    diagnostics = _diagnostics(source, files, points, setups)
     meta = _meta(options, methods, points, time.perf_counter() - started)
-    write_json(folder / "results.json", {**results, "diagnostics": {}, "meta": meta})
+    write_json(folder / "results.json", {**results, "diagnostics": diagnostics, "meta": meta})
     write_json(folder / "config.json", meta)
     try:
-        report.plots(results, {}, folder)
+        report.plots(results, diagnostics, folder)
     except ImportError:
         log.warning("matplotlib is not installed (pip install 'weightweaving[suite]'): no plots")
-    (folder / "report.md").write_text(report.markdown(results, {}, meta), encoding="utf-8")
-    print(report.summary(results, {}))
+    (folder / "report.md").write_text(report.markdown(results, diagnostics, meta), encoding="utf-8")
+    print(report.summary(results, diagnostics))
     print(
         f"reproduce done in {meta['seconds']:.0f} s ({points.computed} points computed, "
         f"{points.reused} answered from {points.path.name}); report: {folder / 'report.md'}"

@@ -198,15 +198,38 @@ def interference(zoo: Zoo, lam: float) -> dict[str, object]:
     """Task i's accuracy change under ``θ_pre + λ Δ_j`` (row i, column j), relative to zero-shot."""
     names = [t.name for t in zoo.tasks]
     evaluate = problems(zoo, "multitask")[0].evaluate
-    zero = evaluate(zoo.pretrained)
-    matrix = []
-    for j in names:
-        state = {
-            k: zoo.pretrained[k] + lam * (zoo.finetuned[j][k] - zoo.pretrained[k]) for k in zoo.pretrained
-        }
-        scores = evaluate(state)
-        matrix.append([scores[i] - zero[i] for i in names])
-    rows = [[matrix[j][i] for j in range(len(names))] for i in range(len(names))]  # rows: evaluated task
+    scored = [
+        evaluate(
+            {k: zoo.pretrained[k] + lam * (zoo.finetuned[j][k] - zoo.pretrained[k]) for k in zoo.pretrained}
+        )
+        for j in names
+    ]
+    return interference_block(lam, names, evaluate(zoo.pretrained), scored)
+
+
+def mean_offdiag(matrix: list[list[float]]) -> float:
+    """Mean of the off-diagonal entries of a square matrix (0 for a 1×1 matrix)."""
+    n = len(matrix)
+    values = [matrix[i][j] for i in range(n) for j in range(n) if i != j]
+    return mean(values) if values else 0.0
+
+
+def cosine_summary(sequential: list[list[float]], individual: list[list[float]] | None) -> dict[str, Any]:
+    """A continual benchmark's cosine diagnostic (paper Fig. 3); ``individual`` may be unknown (None)."""
+    consecutive = [sequential[t][t + 1] for t in range(len(sequential) - 1)]
+    out: dict[str, Any] = {"sequential": sequential}
+    if individual is not None:
+        out["individual"] = individual
+    out["sequential_mean_offdiag"] = mean_offdiag(sequential)
+    if individual is not None:
+        out["individual_mean_offdiag"] = mean_offdiag(individual)
+    out["sequential_consecutive"] = mean(consecutive) if consecutive else 0.0
+    return out
+
+
+def interference_block(lam: float, names: list[str], zero: Scores, scored: list[Scores]) -> dict[str, object]:
+    """Interference at ``lam``: ``scored[j]`` are the accuracies under ``θ_pre + λ Δ_j``, ``zero`` at θ_pre."""
+    rows = [[scored[j][name] - zero[name] for j in range(len(names))] for name in names]  # rows: task i
     off = [rows[i][j] for i in range(len(names)) for j in range(len(names)) if i != j]
     return {
         "lam": lam,

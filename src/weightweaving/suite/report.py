@@ -77,6 +77,10 @@ def _f(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _cos(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def verdicts(results: Results, diagnostics: Results) -> list[tuple[str, bool, str]]:
     """The issue's expected behaviours, each checked on this run's numbers: (claim, held, evidence)."""
     out: list[tuple[str, bool, str]] = []
@@ -120,7 +124,7 @@ def verdicts(results: Results, diagnostics: Results) -> list[tuple[str, bool, st
             )
         )
     cos = diagnostics.get("cosine", {})
-    if cos:
+    if cos and all("individual_mean_offdiag" in c for c in cos.values()):  # reproduce may lack individuals
         seq = mean(c["sequential_mean_offdiag"] for c in cos.values())
         ind_cos = mean(c["individual_mean_offdiag"] for c in cos.values())
         out.append(
@@ -417,7 +421,7 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
         ]
         for name, c in cos.items():
             lines.append(
-                f"| {name} | {c['individual_mean_offdiag']:.3f} | {c['sequential_mean_offdiag']:.3f} | {c['sequential_consecutive']:.3f} |"
+                f"| {name} | {_cos(c.get('individual_mean_offdiag'))} | {c['sequential_mean_offdiag']:.3f} | {c['sequential_consecutive']:.3f} |"
             )
     for s in setups:
         lines += ["", f"## {SETUP_TITLES[s]}: per task", ""]
@@ -516,7 +520,7 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
     if cos:
         fig, axes = plt.subplots(len(cos), 2, figsize=(7, 3.3 * len(cos)), squeeze=False)
         for row, (name, c) in enumerate(cos.items()):
-            for col, mode in enumerate(("individual", "sequential")):
+            for col, mode in enumerate(m for m in ("individual", "sequential") if m in c):
                 ax = axes[row][col]
                 im = ax.imshow(c[mode], vmin=-1, vmax=1, cmap="RdBu_r")
                 ax.set_title(f"{name}: {mode}")

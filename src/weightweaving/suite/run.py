@@ -10,7 +10,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 import torch
@@ -152,23 +151,14 @@ def _score(zoo: Zoo, methods: list[str], workers: int, show: bool) -> tuple[dict
     return results, diagnostics
 
 
-def _mean_offdiag(matrix: list[list[float]]) -> float:
-    n = len(matrix)
-    values = [matrix[i][j] for i in range(n) for j in range(n) if i != j]
-    return mean(values) if values else 0.0
+_mean_offdiag = protocols.mean_offdiag
 
 
 def _cosines(zoo: Any) -> dict[str, Any]:
-    out = {}
-    for run in zoo.continual:
-        seq = protocols.cosine_matrix(zoo.pretrained, run.sequential)
-        ind = protocols.cosine_matrix(zoo.pretrained, run.individual)
-        consecutive = [seq[t][t + 1] for t in range(len(seq) - 1)]
-        out[f"split{run.n_tasks}"] = {
-            "sequential": seq,
-            "individual": ind,
-            "sequential_mean_offdiag": _mean_offdiag(seq),
-            "individual_mean_offdiag": _mean_offdiag(ind),
-            "sequential_consecutive": mean(consecutive) if consecutive else 0.0,
-        }
-    return out
+    return {
+        f"split{run.n_tasks}": protocols.cosine_summary(
+            protocols.cosine_matrix(zoo.pretrained, run.sequential),
+            protocols.cosine_matrix(zoo.pretrained, run.individual),
+        )
+        for run in zoo.continual
+    }
