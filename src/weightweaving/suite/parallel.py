@@ -43,8 +43,10 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # as in the parent (see ``train.flush_denormals``)
     # Ctrl-C reaches the whole process group: only the parent handles it (one clean message, no
-    # tracebacks from workers); leaving the pool then terminates the workers.
+    # tracebacks from workers); leaving the pool then terminates the workers with SIGTERM, which
+    # must end them quietly, not raise the CLI's KeyboardInterrupt inherited from the parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _call(index: int) -> Any:
