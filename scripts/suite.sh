@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the built-in experiment suite (pass --quick for the two-minute profile).
+# Set up, then run the built-in experiment suite (pass --quick for the smaller profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,7 +1,7 @@
 """The suite's recipes: everything that decides a checkpoint or a result, as plain frozen data.
 
-``full`` is the README's main command (<= 10 minutes on 2 cores from nothing), ``quick`` the CI
-profile (< 2 minutes), ``micro`` exists only for the tests (seconds).
+``full`` is the README's main command, ``quick`` a smaller profile (about 6 minutes on 2 cores
+from nothing), ``micro`` exists only for the tests (seconds).
 """
 
 from __future__ import annotations
