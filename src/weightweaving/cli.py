@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tasks and compare every method at its tuned λ, at λ = 1 and with Weight Weaving, in the paper's "
         "three setups.",
     )
-    s.add_argument("--quick", action="store_true", help="the small profile: 6 tasks, 50 fine-tuning steps (about 6 minutes on 2 cores)")
+    s.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small profile: 6 tasks, 50 fine-tuning steps (about 6 minutes on 2 cores)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of data, training and merging (default: 0)")
     s.add_argument("--seeds", type=int, nargs="+", help="run several seeds and write <out>/seed-spread.md")
     s.add_argument("--out", default="runs/suite", help="parent of the run folder (default: runs/suite)")
