@@ -28,40 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_engine import vit_shapes  # CLIP ViT image-tower shapes (open_clip names), shared
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = {"mergekit": "mergekit==0.1.5", "fusion_bench": "fusion-bench==0.2.33"}
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-def vit_shapes(width: int, layers: int, patch: int, tokens: int, out_dim: int) -> dict[str, tuple[int, ...]]:
-    """CLIP ViT image-tower parameter shapes (open_clip names)."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "conv1.weight": (width, 3, patch, patch),
-        "class_embedding": (width,),
-        "positional_embedding": (tokens, width),
-        "ln_pre.weight": (width,),
-        "ln_pre.bias": (width,),
-    }
-    for i in range(layers):
-        p = f"transformer.resblocks.{i}."
-        shapes.update(
-            {
-                p + "attn.in_proj_weight": (3 * width, width),
-                p + "attn.in_proj_bias": (3 * width,),
-                p + "attn.out_proj.weight": (width, width),
-                p + "attn.out_proj.bias": (width,),
-                p + "ln_1.weight": (width,),
-                p + "ln_1.bias": (width,),
-                p + "mlp.c_fc.weight": (4 * width, width),
-                p + "mlp.c_fc.bias": (4 * width,),
-                p + "mlp.c_proj.weight": (width, 4 * width),
-                p + "mlp.c_proj.bias": (width,),
-                p + "ln_2.weight": (width,),
-                p + "ln_2.bias": (width,),
-            }
-        )
-    shapes.update({"ln_post.weight": (width,), "ln_post.bias": (width,), "proj": (width, out_dim)})
-    return shapes
 
 
 def llm_shapes(vocab: int, hidden: int) -> dict[str, tuple[int, ...]]:
