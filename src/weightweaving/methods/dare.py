@@ -14,7 +14,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from ..errors import OptionError
-from .base import Hyperparameters, LamForm, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
+from .base import Hyperparameters, LamForm, LamKind, Scanner, Scope, UnitContext, paper_ranges
+from .compose import ComposesBase
 from .registry import get_method, register
 
 
@@ -67,7 +68,7 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
 
 
 @register("dare")
-class Dare(Method):
+class Dare(ComposesBase):
     """M = λ · base(DARE(Δ_1), …, DARE(Δ_T)); with Task Arithmetic E[M] = λ Σ_t Δ_t (ICML 2024, eq. 2)."""
 
     params = DareParams
@@ -87,16 +88,6 @@ class Dare(Method):
     data_free = True
     reported = "— (no figures in the spec's reported table)"
     reference = "yule-BUAA/MergeLM"
-
-    def _base(self, p: DareParams) -> tuple[Method, Hyperparameters]:
-        method = get_method(p.base)
-        return method, method.parse_params(p.base_hyperparameters)
-
-    def scope_of(self, p: Hyperparameters) -> Scope:
-        """The base method's scope: a global base needs its first passes over the masked vectors."""
-        assert isinstance(p, DareParams)
-        method, base_p = self._base(p)
-        return method.scope_of(base_p)
 
     def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> Any:
         """The base method's first passes, run over the masked task vectors."""

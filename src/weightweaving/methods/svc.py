@@ -18,7 +18,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from ..errors import OptionError
-from .base import Hyperparameters, LamKind, Method, Scanner, Scope, UnitContext, paper_ranges
+from .base import Hyperparameters, LamKind, Scanner, Scope, UnitContext, paper_ranges
+from .compose import ComposesBase
 from .registry import get_method, register
 from .steps import check_regex, is_weight_matrix, name_matches, thin_svd
 
@@ -98,7 +99,7 @@ def _warn_platform_dependent(base: str) -> None:
 
 
 @register("svc")
-class Svc(Method):
+class Svc(ComposesBase):
     """``M = SVC(base(Δ, λ), Δ)`` on 2-D parameters whose name matches neither ``embedding`` nor
     ``text_projection``; the base output elsewhere. Alpha: 1/T by default, 1.0 over TSV."""
 
@@ -126,16 +127,6 @@ class Svc(Method):
         if p.base in FLAT_SPECTRUM_BASES:
             _warn_platform_dependent(p.base)
         return p
-
-    def _base(self, p: SvcParams) -> tuple[Method, Hyperparameters]:
-        method = get_method(p.base)
-        return method, method.parse_params(p.base_hyperparameters)
-
-    def scope_of(self, p: Hyperparameters) -> Scope:
-        """The base method's scope: a global base (TIES by default) needs its first passes."""
-        assert isinstance(p, SvcParams)
-        method, base_p = self._base(p)
-        return method.scope_of(base_p)
 
     def global_stats(self, scan: Scanner[Any], p: Hyperparameters, seed: int) -> Any:
         """The base method's first passes, over the task vectors."""
