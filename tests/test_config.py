@@ -13,7 +13,7 @@ from tests.helpers import load_folder, run_cli, save_safetensors, toy_models
 from weightweaving.cli import build_parser, main
 from weightweaving.config import MergeOptions, WeaveOptions, api_name, option_flag
 
-PROGRAMMATIC = {"executor", "progress", "extras", "closed_form"}  # API keywords a file cannot hold
+PROGRAMMATIC = {"progress", "extras", "closed_form"}  # API keywords a file cannot hold
 
 
 def merge_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ from .checkpoints.base import Checkpoint
 from .checkpoints.llm import fit_to_base, read_config
 from .checkpoints.open import WEIGHT_FILES, Source
 from .checkpoints.writer import output_lock, output_path
-from .engine import Executor, LocalExecutor, Runner, make_plan
+from .engine import Executor, Runner, make_plan
+from .engine.executors import make_executor
 from .engine.plan import align_keys
 from .engine.resources import check_resources
 from .errors import OptionError, WeightWeavingError
@@ -77,14 +78,16 @@ def open_job(
     seed: int,
     common_only: bool,
     allow_nonfinite: bool,
-    executor: Executor | None,
+    executor: Executor | str | None,
     workers: int,
     progress: bool | None,
     extras: dict[str, Any] | None = None,
     vocab: str = "error",
+    ray_address: str | None = None,
 ) -> Job:
     if isinstance(finetuned, (str, os.PathLike, Mapping)):
         raise OptionError("'finetuned' must be a list of checkpoints, one per fine-tuned model")
+    chosen_executor = make_executor(executor, workers, ray_address)  # an unknown one fails first
     base = open_checkpoint(pretrained, label="pretrained")
     models, fit_notes = [], []
     for i, src in enumerate(finetuned):
@@ -114,7 +117,7 @@ def open_job(
         compute_dtype=cdtype,
         seed=seed,
         allow_nonfinite=allow_nonfinite,
-        executor=executor or LocalExecutor(workers),
+        executor=chosen_executor,
         progress=progress,
         extras=extras,
     )
@@ -218,8 +221,12 @@ def deliver(
     overwrite: bool,
     shard_size: str | int | None,
     record: dict[str, Any],
+    direct: Callable[[SafetensorsWriter], None] | None = None,
 ) -> dict[str, Tensor] | Path:
-    """Stream results into a new output folder (atomically), or collect them as a state dict."""
+    """Stream results into a new output folder (atomically), or collect them as a state dict.
+
+    ``direct(writer)``, when given, fills the writer's files itself instead of ``results`` (the
+    Ray executor: its workers write their tensors into the laid-out files)."""
     if out is None:
         collected = dict(job.runner.assemble(results))  # deferred units come last: plan order again
         return {u.name: collected[u.name] for u in job.runner.plan.units}
@@ -227,6 +234,8 @@ def deliver(
     with SafetensorsWriter(
         out, entries, max_shard_bytes=parse_size(shard_size), overwrite=overwrite
     ) as writer:
+        if direct is not None:
+            direct(writer)
         for name, rows, tensor in results:
             if rows is None:
                 writer.write(name, tensor)
@@ -363,6 +372,17 @@ def run_job(
                 return deliver_lora(
                     job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
                 )
+            write_merge = getattr(runner.executor, "write_merge", None)
+            if write_merge is not None and out is not None:  # workers write the output themselves
+                return deliver(
+                    job,
+                    iter(()),
+                    out=out,
+                    overwrite=overwrite,
+                    shard_size=shard_size,
+                    record=record,
+                    direct=lambda writer: write_merge(runner, unit_fn, writer, desc),
+                )
             stream = runner.run_pieces(unit_fn, desc=desc)
             return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
         finally:
@@ -436,7 +456,8 @@ def merge(
     common_only: bool = False,
     allow_nonfinite: bool = False,
     workers: int = 1,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
+    ray_address: str | None = None,
     progress: bool | None = None,
     extras: dict[str, Any] | None = None,
     vocab: str = "error",
@@ -469,6 +490,9 @@ def merge(
         out_lora: write a PEFT LoRA adapter of this rank (truncated SVD of each merged update)
             instead of a full model; needs ``out``.
         resource_check: refuse up front a merge whose output or peak memory cannot fit (default).
+        executor: ``"local"`` (default: ``workers`` threads here), ``"ray"`` (a Ray cluster; workers
+            read the inputs and write the output on a path every node sees) or an Executor.
+        ray_address: the Ray cluster to join (default: ``RAY_ADDRESS``, else a new local one).
         **hyperparameters: the method's hyperparameters by their canonical names.
 
     Returns:
@@ -534,6 +558,7 @@ def merge(
         common_only=common_only,
         allow_nonfinite=allow_nonfinite,
         executor=executor,
+        ray_address=ray_address,
         workers=workers,
         progress=progress,
         extras=extras,

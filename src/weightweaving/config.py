@@ -137,6 +137,16 @@ class MergeOptions(BaseModel):
     common_only: bool = Field(False, description="merge only the parameters every checkpoint has")
     allow_nonfinite: bool = Field(False, description="merge even if a checkpoint holds NaN or Inf")
     workers: int = Field(1, ge=1, description="threads (overlap reading with computing)")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="local (this machine) or ray (a Ray cluster: pip install 'weightweaving[ray]'; "
+        "inputs and output on a path every node sees)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local one)",
+        json_schema_extra=_flag(metavar="ADDR"),
+    )
     resource_check: bool = Field(
         True,
         description="refuse up front a merge whose output or peak memory cannot fit "

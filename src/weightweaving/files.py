@@ -64,7 +64,8 @@ class Snapshot:
 
     def changed(self, st: os.stat_result) -> str | None:
         """Why ``st`` is not the planned file, or ``None``."""
-        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+        # dev -1: a copy pickled for another machine, where the shared file system has its own dev
+        if st.st_ino != self.ino or (self.dev != -1 and st.st_dev != self.dev):
             return "the file was replaced while the merge ran"
         if st.st_size != self.size:
             return f"the file changed size while the merge ran ({self.size} -> {st.st_size} bytes)"

@@ -6,6 +6,7 @@ each tensor into fresh memory (no mmap), so memory that a merge has finished wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -207,6 +208,15 @@ class SafetensorsFile(Checkpoint):
                     )
                 got += n
         return buf.view(DTYPES[dtype]).reshape(shape)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (for a Ray worker) as its absolute path and parsed header: no file descriptor.
+        The copy opens the file on its first read, checking that it is still the file planned."""
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        state["_file"] = Path(os.path.abspath(self._file))
+        state["_snapshot"] = dataclasses.replace(self._snapshot, dev=-1)  # another node's mount
+        return state
 
     def verify_unchanged(self) -> None:
         try:

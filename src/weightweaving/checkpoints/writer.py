@@ -338,6 +338,24 @@ class SafetensorsWriter:
         if self._rows_written[name] == rows:
             self._written.add(name)
 
+    def direct_layout(self) -> dict[str, tuple[str, int, int]]:
+        """Where each tensor goes: ``name -> (staging file's absolute path, byte offset, bytes)``.
+
+        For writers in other processes (Ray workers) that write their tensors themselves with
+        ``pwrite`` into the laid-out files; they report each one done with :meth:`mark_written`.
+        """
+        files = {
+            fd: str((self.staging / file_name).absolute()) for fd, (file_name, _, _) in self._hashes.items()
+        }
+        return {name: (files[fd], offset, self._nbytes[name]) for name, (fd, offset) in self._files.items()}
+
+    def mark_written(self, name: str) -> None:
+        """``name`` was written whole by another process (its file is then hashed at commit)."""
+        fd, _ = self._files[name]
+        file_name, _, expected = self._hashes[fd]
+        self._hashes[fd] = (file_name, None, expected)
+        self._written.add(name)
+
     def add_file(self, name: str, content: bytes) -> None:
         try:
             (self.staging / name).write_bytes(content)

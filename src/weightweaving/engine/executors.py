@@ -45,3 +45,29 @@ class LocalExecutor:
             finally:
                 for fut in window:
                     fut.cancel()
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(
+    executor: Executor | str | None, workers: int = 1, ray_address: str | None = None
+) -> Executor:
+    """The executor a merge asked for: an :class:`Executor` as given, or ``"local"`` (threads on
+    this machine, the default) or ``"ray"`` (a Ray cluster at ``ray_address``: see
+    :mod:`weightweaving.engine.ray_executor`)."""
+    from ..errors import OptionError, did_you_mean
+
+    if executor is None or executor == "local":
+        if ray_address is not None:
+            raise OptionError("--ray-address needs --executor ray")
+        return LocalExecutor(workers)
+    if executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=ray_address)
+    if isinstance(executor, str):
+        raise OptionError(
+            f"--executor '{executor}' is not one of: {', '.join(EXECUTORS)}{did_you_mean(executor, EXECUTORS)}"
+        )
+    return executor

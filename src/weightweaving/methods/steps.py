@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -176,6 +176,34 @@ def _digit_slots(
     return block[hit] * _BINS + digit, len(tags)
 
 
+def _unit_histogram(
+    values: Callable[[Tensor, UnitContext], Tensor],
+    level: int,
+    prefixes: list[list[int]] | None,
+    task_vectors: Tensor,
+    ctx: UnitContext,
+) -> tuple[int, int, list[Tensor], list[Tensor]]:
+    """One unit's partial counts of digit ``level``: (key width, blocks, bins hit, their counts)."""
+    unit = values(task_vectors, ctx)  # (R, n_unit)
+    step = max(1, _CHUNK // max(1, unit.shape[1]))
+    width, blocks = 0, 0
+    slot_parts: list[Tensor] = []
+    hit_parts: list[Tensor] = []
+    for first in range(0, unit.shape[0], step):
+        keys, width = ordered_keys(unit[first : first + step])  # (r, n_unit)
+        slots, blocks = _digit_slots(keys, width, level, prefixes, first, unit.shape[0])
+        if slots.numel() * 8 < blocks * _BINS:  # few values: count only the slots they hit
+            hit_slots, hits = (x.cpu() for x in torch.unique(slots, return_counts=True))
+            slot_parts.append(hit_slots)
+            hit_parts.append(hits)
+        else:  # kept as the bins that were hit: the scan holds every unit's partial until summed
+            dense = torch.bincount(slots, minlength=blocks * _BINS).cpu()
+            hit_slots = dense.nonzero().squeeze(1)
+            slot_parts.append(hit_slots)
+            hit_parts.append(dense[hit_slots])
+    return width, blocks, slot_parts, hit_parts
+
+
 def streamed_order_statistics(
     scan: Scanner[Any],
     values: Callable[[Tensor, UnitContext], Tensor],
@@ -191,33 +219,22 @@ def streamed_order_statistics(
     wanted key prefix, never the values, and the result equals sorting the concatenation.
     Returns one 1-D tensor per stream (CPU, the values' dtype), in the order of its ranks.
     """
-    lock = threading.Lock()
     widths: set[int] = set()
 
     def histogram(level: int, prefixes: list[list[int]] | None) -> list[Tensor]:
-        """One scan: per stream, the counts of digit ``level`` (one 65536-block per wanted prefix)."""
+        """One scan: per stream, the counts of digit ``level`` (one 65536-block per wanted prefix).
+
+        Each unit returns its own partial counts, summed here as they come back: the per-unit
+        function keeps no shared state, so it runs the same in a thread or on a Ray worker."""
         total: list[Tensor] = []
-
-        def one(task_vectors: Tensor, ctx: UnitContext) -> None:
-            unit = values(task_vectors, ctx)  # (R, n_unit)
-            step = max(1, _CHUNK // max(1, unit.shape[1]))
-            for first in range(0, unit.shape[0], step):
-                keys, width = ordered_keys(unit[first : first + step])  # (r, n_unit)
-                slots, blocks = _digit_slots(keys, width, level, prefixes, first, unit.shape[0])
-                if slots.numel() * 8 < blocks * _BINS:  # few values: count only the slots they hit
-                    hit_slots, hits = (x.cpu() for x in torch.unique(slots, return_counts=True))
-                else:
-                    hit_slots, hits = None, torch.bincount(slots, minlength=blocks * _BINS).cpu()
-                with lock:
-                    widths.add(width)
-                    if not total:
-                        total.append(torch.zeros(blocks * _BINS, dtype=torch.int64))
-                    if hit_slots is None:
-                        total[0] += hits
-                    else:
-                        total[0].index_add_(0, hit_slots, hits)
-
-        scan(one)
+        for width, blocks, hit_slots, hits in scan(
+            functools.partial(_unit_histogram, values, level, prefixes)
+        ):
+            widths.add(width)
+            if not total:
+                total.append(torch.zeros(blocks * _BINS, dtype=torch.int64))
+            for slot_part, hit_part in zip(hit_slots, hits, strict=True):
+                total[0].index_add_(0, slot_part, hit_part)
         if len(widths) != 1 or not total:
             raise ValueError("order statistics need at least one unit, all of one float dtype")
         sizes = [1] * (total[0].numel() // _BINS) if prefixes is None else [len(p) for p in prefixes]
