@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for fine-tuning and scoring (default: the usable cores, at most 8); "
         "results do not depend on it",
     )
+    s.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="score the λ sweeps in local processes or on a Ray cluster (default: local)",
+    )
+    s.add_argument(
+        "--ray-address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS or a new one)"
+    )
     s.add_argument("--profile", help=argparse.SUPPRESS)
     _common(s)
 
@@ -405,6 +414,8 @@ def _run_suite(args: argparse.Namespace) -> None:
             cache_dir=args.cache_dir,
             profile=args.profile,
             workers=args.workers,
+            executor=args.executor,
+            ray_address=args.ray_address,
         )
         for seed in (args.seeds or [args.seed])
     ]

@@ -19,6 +19,7 @@ from weightweaving.checkpoints.manifest import verify
 from weightweaving.engine.plan import Unit
 from weightweaving.engine.ray_executor import INSTALL, RayExecutor, balanced_groups, import_ray
 from weightweaving.errors import CheckpointError, OptionError
+from weightweaving.suite.parallel import fork_map, ray_map
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -46,7 +47,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 
 CASES = [
-    ("merge", "task_arithmetic", {"lam": 0.7}),
     ("merge", "ties", {"lam": 1.0, "k": 0.3}),  # global scope: the threshold pass runs on Ray
     ("merge", "pcb", {"lam": 1.0}),  # global order statistics from partial histograms
     ("merge", "dare", {"lam": 0.5, "p": 0.3, "seed": 7}),  # random draws keyed by name and seed
@@ -161,6 +161,24 @@ def test_nonfinite_found_by_a_worker(ray_cluster, tmp_path):
     assert errors[0] == errors[1]
     assert "contains NaN or Inf values" in errors[1] and "\n" not in errors[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"m{i}.safetensors" for i in range(4)]
+
+
+def test_lambda_sweep_one_task_per_point(ray_cluster):
+    """A λ sweep (merge, then score each point) as Ray tasks gives the forked processes' results."""
+    base, tuned = toy_models(3)
+    probe = torch.Generator().manual_seed(1)
+    direction = {k: torch.randn(v.shape, generator=probe) for k, v in base.items() if v.is_floating_point()}
+    lams = [0.1 * i for i in range(1, 9)]
+
+    def point(index: int) -> tuple[float, int]:
+        merged = weightweaving.merge(base, tuned, "ties", lams[index], k=0.3)
+        score = sum(float((merged[k].double() * d).sum()) for k, d in direction.items())
+        return score, os.getpid()
+
+    local = list(fork_map(point, len(lams), workers=2))
+    remote = list(ray_map(point, len(lams)))
+    assert [score for score, _ in remote] == [score for score, _ in local]
+    assert os.getpid() not in {pid for _, pid in remote}  # run by the cluster's workers
 
 
 def test_without_ray_says_what_to_install(monkeypatch):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 import weightweaving
+from weightweaving.errors import OptionError
 
 from . import protocols, report, train, withdata
 from .cache import CheckpointCache, default_cache_dir
 from .merging import available_methods
-from .parallel import default_workers, fork_map
+from .parallel import default_workers, fork_map, ray_map
 from .profiles import POOLS, PROFILES, TUNED_ON_SEEDS
 from .zoo import Zoo, build_zoo
 
@@ -36,6 +39,8 @@ def run_suite(
     progress: bool | None = None,
     profile: str | None = None,
     workers: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Path:
     """Run the paper's three setups (multi-task, continual learning, domain generalisation) on a CPU.
 
@@ -49,6 +54,9 @@ def run_suite(
         profile: a named recipe from ``PROFILES`` (overrides ``quick``; ``"micro"`` is for tests).
         workers: processes for fine-tuning and scoring (default: the usable cores, at most 8, or
             ``WEIGHTWEAVING_SUITE_WORKERS``); results do not depend on it.
+        executor: ``"local"`` (``workers`` forked processes) or ``"ray"``: score every (setup,
+            method) job, each one λ sweep, as a task on the Ray cluster at ``ray_address`` (the
+            fine-tuning stays here); the same results.
 
     Returns:
         The run folder, holding ``report.md``, ``results.json``, ``config.json`` and the PNG plots.
@@ -68,6 +76,8 @@ def run_suite(
     # with two threads; the cores are used by worker processes instead (see ``parallel``).
     torch.set_num_threads(int(os.environ.get("WEIGHTWEAVING_SUITE_THREADS", "1")))
     workers = workers if workers is not None else default_workers()
+    if executor not in ("local", "ray"):
+        raise OptionError(f"--executor '{executor}' is not one of: local, ray")
     started = time.perf_counter()
     folder = Path(out) / f"{name}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +87,12 @@ def run_suite(
         zoo = build_zoo(recipe, seed, cache, show, workers)
         trained = time.perf_counter()
         methods = available_methods(recipe.methods)
-        results, diagnostics = _score(zoo, methods, workers, show)
+        mapper = (
+            functools.partial(fork_map, workers=workers)
+            if executor == "local"
+            else functools.partial(ray_map, address=ray_address)
+        )
+        results, diagnostics = _score(zoo, methods, mapper, show)
         if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
             results["multitask"].update(
                 withdata.score_with_data(zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride)
@@ -114,8 +129,11 @@ def run_suite(
     return folder
 
 
-def _score(zoo: Zoo, methods: list[str], workers: int, show: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every method in every setup (and the interference diagnostic), in ``workers`` processes."""
+def _score(
+    zoo: Zoo, methods: list[str], mapper: Callable[[Callable[[int], Any], int], Iterable[Any]], show: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method in every setup (and the interference diagnostic), as jobs run by ``mapper``
+    (``fork_map`` over worker processes, or ``ray_map``)."""
     recipe = zoo.recipe
     results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
     # independent jobs: every (setup, method) scoring, then each interference λ
@@ -134,7 +152,7 @@ def _score(zoo: Zoo, methods: list[str], workers: int, show: bool) -> tuple[dict
     n_jobs = len(pairs) + len(recipe.interference_lams)
     interference = []
     with tqdm(total=n_jobs, desc="merge+evaluate", disable=not show, leave=False) as bar:
-        for index, value in enumerate(fork_map(job, n_jobs, workers)):
+        for index, value in enumerate(mapper(job, n_jobs)):
             if index < len(pairs):
                 setup, method = pairs[index]
                 results[setup][method] = value
