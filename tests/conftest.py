@@ -41,7 +41,7 @@ def ray_cluster() -> Iterator[str]:
     _libc_call("unshare", CLONE_NEWNET)  # needs root (tests and CI run as root here)
     temp = Path(tempfile.mkdtemp(prefix="wwray-", dir="/tmp"))  # short: Ray's socket paths
     group: int | None = None
-    saved = {"PYTHONPATH": os.environ.get("PYTHONPATH")}
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "RAY_AUTH_MODE")}
     try:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         bin_dir = Path(sys.executable).parent
@@ -49,6 +49,8 @@ def ray_cluster() -> Iterator[str]:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # no token authentication, whatever ~/.ray/auth_token a local ray.init left behind
+            "RAY_AUTH_MODE": "disabled",
         }
         common = (
             "--num-cpus=1 --object-store-memory=100000000 --node-ip-address=127.0.0.1 --disable-usage-stats"
@@ -70,7 +72,8 @@ def ray_cluster() -> Iterator[str]:
         if starter.returncode != 0:
             raise RuntimeError("ray start failed:\n" + output.decode(errors="replace")[-3000:])
         address = f"127.0.0.1:{RAY_PORT}"
-        os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # for drivers that tests start (the CLI)
+        for name in saved:  # for this driver and those that tests start (the CLI)
+            os.environ[name] = env[name]
         ray.init(address=address, log_to_driver=False)
         deadline = time.monotonic() + 60
         while ray.cluster_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:

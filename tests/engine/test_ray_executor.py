@@ -106,6 +106,25 @@ def test_killed_worker_is_retried(ray_cluster, models, tmp_path):
     assert _files(local) == _files(Path(str(done["out"])))
 
 
+def test_interrupted_run_leaves_nothing(ray_cluster, models, tmp_path):
+    """Ctrl-C on the driver while a task runs: its tasks are cancelled, no output, no staging."""
+    base, tuned = models
+    executor = RayExecutor()
+    executor._pause = str(tmp_path / "paused")
+    out = tmp_path / "out"
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "paused").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # reaches the main thread, waiting on the cluster
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        weightweaving.merge(base, tuned, "ties", out=out, executor=executor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused"]
+
+
 def test_worker_error_is_our_one_line(ray_cluster, models, tmp_path):
     base, tuned = models
     executor = RayExecutor()

@@ -97,11 +97,21 @@ def test_ties_reads_the_model_twice_and_defers_only_cancelling_units():
 
 def test_fallback_passes_are_exact_when_the_window_is_too_wide(monkeypatch):
     monkeypatch.setattr(ties, "_WINDOW_CAP", 0)
+    shipped = []  # what each unit's window map hands back: no values when they would be dropped
+    real = ties.window_values
+
+    def window_values(*args):
+        out = real(*args)
+        shipped.append(sum(v.numel() for v in out[2]))
+        return out
+
+    monkeypatch.setattr(ties, "window_values", window_values)
     base, tasks = models()
     job = open_job(base, tasks, **ENGINE)
     method = get_method("ties")
     stats = method_stats(method, method.parse_params({"k": 0.3}), job.runner)
     assert job.runner.pass_log == ["sample (sample)", "window", "buckets", "boundary", "sign"]
+    assert shipped and set(shipped) == {0}
     want = reference_ties(base, tasks, 0.3, 1.0)  # same thresholds as sorting everything
     names = sorted(base)
     flat = torch.stack([torch.cat([(t[n] - base[n]).reshape(-1) for n in names]) for t in tasks]).abs()

@@ -85,6 +85,10 @@ class TiesWindow:
     keep_fraction: float
     low: Tensor  # (T,)
     high: Tensor  # (T,)
+    # False when the windows would hold far more than _WINDOW_CAP values (a very large model): the
+    # window pass then only counts, and the exact bucket passes find the thresholds, so those
+    # values never travel to the driver (over a network, on a cluster) only to be dropped there
+    keep_values: bool = True
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def place_window(keep_fraction: float, partials: Iterator[tuple[Tensor, float]])
         edge = row[order[at]]
         lows.append(edge[0] if bounds[0] > 0 else row.new_zeros(()))
         highs.append(edge[1] if bounds[1] < 1 else row.new_tensor(float("inf")))
-    return TiesWindow(keep_fraction, torch.stack(lows), torch.stack(highs))
+    expected = 2 * margin * float(w.sum()) * flat.shape[0]  # values inside the windows, about
+    return TiesWindow(keep_fraction, torch.stack(lows), torch.stack(highs), expected <= 2 * _WINDOW_CAP)
 
 
 def window_values(
@@ -138,6 +143,8 @@ def window_values(
     low, high = given.low.to(mags)[:, None], given.high.to(mags)[:, None]
     above_low = mags >= low
     below = mags.shape[1] - above_low.sum(1)
+    if not given.keep_values:
+        return mags.shape[1], below, []
     inside = above_low & (mags <= high)
     return mags.shape[1], below, [row[keep] for row, keep in zip(mags, inside, strict=True)]
 
@@ -148,6 +155,8 @@ def exact_from_window(given: TiesWindow, partials: Iterator[tuple[int, Tensor, l
     below: Tensor | None = None
     kept: list[list[Tensor]] | None = []
     held = 0
+    if not given.keep_values:
+        kept = None
     for entries, counts, inside in partials:
         n += entries
         below = counts if below is None else below + counts
