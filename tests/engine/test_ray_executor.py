@@ -16,6 +16,7 @@ import torch
 import weightweaving
 from tests.helpers import run_cli, save_safetensors, toy_models
 from weightweaving.checkpoints.manifest import verify
+from weightweaving.engine import ray_executor
 from weightweaving.engine.plan import Unit
 from weightweaving.engine.ray_executor import INSTALL, RayExecutor, balanced_groups, import_ray
 from weightweaving.errors import CheckpointError, OptionError
@@ -66,6 +67,30 @@ def test_same_bytes_as_local(ray_cluster, models, tmp_path):
         assert len(_files(local)) > 2, "the output should be sharded, with an index"
         assert _files(local) == _files(remote), (op, method)
         assert verify(remote) == []  # the manifest covers what the workers wrote
+
+
+def test_exact_fallback_passes_combine_on_the_workers(ray_cluster, monkeypatch):
+    """TIES with windows too wide to ship: bucket histograms are summed per task on the workers."""
+    from weightweaving.methods import ties
+
+    monkeypatch.setattr(ties, "_WINDOW_CAP", 0)
+    monkeypatch.setattr(ray_executor, "TASKS_PER_WORKER", 1)  # several units per task
+    base, tuned = toy_models(3)
+    local = weightweaving.merge(base, tuned, "ties", 1.0, k=0.3)
+    executor = RayExecutor()
+    combined = []
+    real = executor.map_combined
+
+    def spy(fn, items, combine):
+        work = list(items)
+        out = list(real(fn, work, combine))
+        combined.append((len(work), len(out)))
+        return iter(out)
+
+    executor.map_combined = spy  # type: ignore[method-assign]
+    remote = weightweaving.merge(base, tuned, "ties", 1.0, k=0.3, executor=executor)
+    assert all(torch.equal(local[k], remote[k]) for k in local)
+    assert len(combined) == 1 and combined[0][1] < combined[0][0]  # fewer partials than units
 
 
 def test_state_dicts_go_through_the_object_store(ray_cluster):

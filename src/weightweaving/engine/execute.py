@@ -201,6 +201,12 @@ class Runner:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
                 return stage.map(self.load_piece(piece)[1], ctx, given)
 
+        map_combined = getattr(self.executor, "map_combined", None)
+        if stage.combine is not None and map_combined is not None:
+            # a distributed executor combines each task's partials on its worker: fewer, same sum
+            yield from map_combined(one, work, stage.combine)
+            return
+
         nbytes = 4 * (len(self.models) + 1)
         with self._bar(sum(u.numel for u in units) * nbytes, stage.name) as bar:
             for piece, partial in zip(work, self.executor.map(one, work), strict=True):

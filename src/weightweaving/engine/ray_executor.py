@@ -24,6 +24,7 @@ by the worker or the order, so DARE and the random pool give the local run's byt
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -154,6 +155,21 @@ def _map_task(
     fn = _load_payload(payload, checkpoints)
     _pause_once(pause)
     return [fn(item) for item in items]
+
+
+def _combine_task(
+    payload: list[Any],
+    checkpoints: dict[str, Any],
+    items: list[Any],
+    combine: Callable[[Any, Any], Any],
+    threads: int,
+    pause: tuple[str, float] | None,
+) -> Any:
+    """A stage whose partials only add up: the task's partials combined into one."""
+    _threads(threads)
+    fn = _load_payload(payload, checkpoints)
+    _pause_once(pause)
+    return functools.reduce(combine, (fn(item) for item in items))
 
 
 # -- the merge pass on a worker -----------------------------------------------------------------------
@@ -327,6 +343,7 @@ class RayExecutor:
             self._remote = {
                 "map": ray.remote(**options)(_map_task),
                 "merge": ray.remote(**options)(_merge_task),
+                "combine": ray.remote(**options)(_combine_task),
             }
 
     @property
@@ -401,6 +418,23 @@ class RayExecutor:
         )
         for results in self._results(calls):
             yield from results
+
+    def map_combined(
+        self, fn: Callable[[T], R], items: Iterable[T], combine: Callable[[R, R], R]
+    ) -> Iterator[R]:
+        """Like :meth:`map` for partials that only add up: one ``combine``-d partial per task."""
+        self._start()
+        work = list(items)
+        if not work:
+            return
+        payload, refs = self._payload(fn)
+        remote = self._remote["combine"]
+        groups = balanced_groups(work, self.parallelism, self.task_bytes)
+        calls = (
+            lambda g=group: remote.remote(payload, refs, g, combine, self.threads, self._pause_arg)
+            for group in groups
+        )
+        yield from self._results(calls)
 
     def write_merge(
         self, runner: Runner, unit_fn: UnitFn, writer: SafetensorsWriter, desc: str = "merging"

@@ -92,6 +92,8 @@ class Stage:
       is known only when that pass ends: a unit whose merge needs it raises :class:`Deferred`, and
       the runner merges that unit again once the fold is known (only the last stage may be fused).
       ``pending(given)`` gives the statistics the merge sees meanwhile (default: ``given``).
+    - ``combine(a, b)``: two partials as one, when the fold only sums them (counts, histograms):
+      a distributed executor then combines a task's partials on its worker and sends one.
     """
 
     name: str
@@ -101,6 +103,7 @@ class Stage:
     sample: int | None = None
     fused: bool = False
     pending: Callable[[Any], Any] | None = None
+    combine: Callable[[Any, Any], Any] | None = None
 
 
 class Deferred(Exception):

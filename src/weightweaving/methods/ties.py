@@ -339,7 +339,7 @@ class Ties(Method):
         return [
             Stage("sample", sample_magnitudes, lambda _, parts: place_window(keep, parts), sample=_SAMPLE),
             Stage("window", window_values, exact_from_window),
-            Stage("buckets", bucket_counts, find_buckets, when=_missed),
+            Stage("buckets", bucket_counts, find_buckets, when=_missed, combine=torch.add),
             Stage("boundary", boundary_values, exact_from_boundary, when=_missed),
             sign,
         ]
