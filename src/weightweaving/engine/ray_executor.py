@@ -183,6 +183,7 @@ class MergeJob:
     unit_fn: UnitFn
     fused: list[tuple[Stage, Any]]  # fused stages: their map and given
     layout: dict[str, tuple[str, int, int]]  # name -> (file, offset, bytes), from the writer
+    out_dir: str = ""  # the output folder, as errors name it
 
 
 def _write_at(path: str, offset: int, tensor: Tensor, fds: dict[str, int]) -> None:
@@ -226,11 +227,23 @@ def merge_pieces(
                     if not deferred_round:
                         found = [stage.map(task_vectors, ctx, given) for stage, given in job.fused]
             if out is not None:
-                _write_at(path, offset, out, fds)
+                try:
+                    _write_at(path, offset, out, fds)
+                except OSError as exc:  # as the local writer says it (a full disk, a lost mount)
+                    raise WeightWeavingError(
+                        f"cannot write the output: {exc.strerror or exc}",
+                        path=job.out_dir,
+                        parameter=unit.name,
+                    ) from None
             done.append(out is not None)
             partials.append(found)
-        for fd in fds.values():
-            os.fsync(fd)  # on the shared storage before the driver commits
+        try:
+            for fd in fds.values():
+                os.fsync(fd)  # on the shared storage before the driver commits
+        except OSError as exc:
+            raise WeightWeavingError(
+                f"cannot write the output: {exc.strerror or exc}", path=job.out_dir
+            ) from None
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -469,7 +482,9 @@ class RayExecutor:
         """One round of tasks over ``pieces``; ``fused`` None: the second round (deferred units)."""
         second = fused is None
         fused = fused or []
-        job = MergeJob(runner, unit_fn, [(stage, given) for stage, given, _ in fused], layout)
+        job = MergeJob(
+            runner, unit_fn, [(stage, given) for stage, given, _ in fused], layout, str(writer.out_dir)
+        )
         payload, refs = self._payload(job)
         remote = self._remote["merge"]
         groups = balanced_groups(pieces, self.parallelism, self.task_bytes)
