@@ -1,27 +1,25 @@
 """Labelled images for CLIP evaluation and fine-tuning, read from the layouts people keep them in.
 
-* an image folder: one sub-folder per class (torchvision's ``ImageFolder``, which is how
-  task_vectors and FusionBench store SUN397, Cars, RESISC45, EuroSAT, GTSRB and DTD once
-  extracted); labels follow the sorted folder names, or the given class list when the folder
-  names are its class names;
+* an image folder: one sub-folder per class (torchvision's ``ImageFolder``); labels follow the
+  given class names where the folders are named after them, else the sorted folder index;
 * a CSV file of ``path,label`` (paths relative to the CSV; the label a class name or an index);
-* torchvision's MNIST raw files (``MNIST/raw/t10k-images-idx3-ubyte[.gz]`` and the labels file);
-* torchvision's SVHN file ``test_32x32.mat`` (read with scipy, when it is installed);
+* the on-disk layouts of the eight paper datasets, torchvision's (Stanford Cars, GTSRB, DTD,
+  SUN397, EuroSAT, MNIST, SVHN), task_vectors' RESISC45 and its ``{train,val,test}/`` split folders
+  (:mod:`.layouts`), a split chosen as ``DATA:SPLIT`` (default: ``test`` to evaluate, ``train`` to
+  fine-tune);
 * Hugging Face ``datasets`` (the ``hf`` extra): ``hf:FOLDER[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]``, a
   folder written by ``save_to_disk`` (read with ``load_from_disk``; nothing is downloaded), and
   ``hf-hub:NAME[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]``, a hub dataset loaded with ``load_dataset`` (which
   may download: only when asked for this way). Columns default to the first ``Image`` feature and
   the first ``ClassLabel`` feature (else a column named ``label`` or ``labels``).
 
-Images are opened one batch at a time; nothing holds a whole dataset in memory (MNIST's raw file
-is the exception: 8 MB for the test split).
+Images are opened one batch at a time; nothing holds a whole dataset in memory (MNIST's and SVHN's
+files hold pixels and are read whole: 8 MB and 60 MB for the test splits).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightWeavingError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from .layouts import LAYOUTS, SPLIT, Listing, class_folders, labelled, locate
 
 
 @dataclass
@@ -73,61 +70,61 @@ class ImageSet:
         return ImageSet(self.classes, [self.items[i] for i in indices], self.source, self.arrays, self.rows)
 
 
-def open_images(data: str | Path, classes: Sequence[str] | None = None) -> ImageSet:
-    """Open ``data`` (an image folder, a CSV of ``path,label``, MNIST/SVHN files, or ``hf:``/``hf-hub:``).
+def split_of(data: str | Path) -> tuple[str, str | None]:
+    """``DATA:SPLIT`` -> (DATA, SPLIT) where DATA exists and SPLIT is one (``test``, ``train3``); else (data, None)."""
+    text = str(data)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and SPLIT.match(tail) and not Path(text).exists():
+        return head, tail
+    return text, None
+
+
+def open_images(
+    data: str | Path,
+    classes: Sequence[str] | None = None,
+    *,
+    dataset: str | None = None,
+    default_split: str = "test",
+) -> ImageSet:
+    """Open ``data``: an image folder, a CSV of ``path,label``, a paper dataset's layout, or ``hf:``/``hf-hub:``.
 
     Args:
-        data: where the images are.
+        data: where the images are; ``DATA:SPLIT`` picks a split of a layout that has splits.
         classes: the class names in label order (a built-in dataset's, or ``--classes``); default:
-            the folder names (sorted) or the CSV's labels (sorted).
+            the folder names (sorted), the CSV's labels (sorted) or the dataset's own class names.
+        dataset: the paper dataset the task is (its sub-folder is looked for under a data root
+            holding several).
+        default_split: the split when none is asked for (``test``; ``train`` to fine-tune).
 
     Returns:
         An :class:`ImageSet`; images are read later, a batch at a time.
     """
     if isinstance(data, str) and data.startswith(("hf:", "hf-hub:")):
-        return _from_hf(data, classes)
-    path = Path(data)
+        return _from_hf(data, classes, default_split)
+    where, split = split_of(data)
+    path = Path(where)
     if not path.exists():
         raise WeightWeavingError("no such file or folder", path=path)
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise WeightWeavingError("is not an image folder or a .csv of path,label", path=path)
+        if split is not None:
+            raise WeightWeavingError(f"a CSV has no splits (':{split}' was asked for)", path=path)
         return _from_csv(path, classes)
-    mnist = _mnist_files(path)
-    if mnist is not None:
-        return _from_mnist(path, *mnist, classes)
-    for svhn in (path / "test_32x32.mat", path / "svhn" / "test_32x32.mat"):
-        if svhn.is_file():
-            return _from_svhn(svhn, classes)
-    return _from_folder(path, classes)
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _from_folder(root: Path, classes: Sequence[str] | None) -> ImageSet:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise WeightWeavingError("holds no class sub-folders (one sub-folder of images per class)", path=root)
-    names = [f.name for f in folders]
-    if classes is None:
-        order, classes = list(range(len(folders))), names
-    elif set(names) == set(classes):
-        order = [list(classes).index(n) for n in names]
-    elif len(names) == len(classes):
-        order = list(range(len(folders)))  # ImageFolder: the sorted folder index is the label
+    found = locate(path, dataset)
+    if found is None:
+        if split is not None:
+            layouts = ", ".join(sorted({lay.dataset for lay in LAYOUTS if lay.dataset}))
+            raise WeightWeavingError(
+                f"is an image folder without splits (':{split}' applies to the layouts of {layouts})",
+                path=path,
+            )
+        listing: Listing = class_folders(path)
     else:
-        raise WeightWeavingError(
-            f"has {len(names)} class folders but {len(classes)} class names are given", path=root
-        )
-    items: list[tuple[Any, int]] = []
-    for folder, label in zip(folders, order, strict=True):
-        images = sorted(p for p in folder.rglob("*") if _is_image(p))
-        if not images:
-            raise WeightWeavingError("is a class folder with no images", path=folder)
-        items.extend((p, label) for p in images)
-    return ImageSet(list(classes), items, str(root))
+        layout, base = found
+        listing = layout.read(base, split or default_split, split is not None)
+    names, items = labelled(listing, classes)
+    return ImageSet(names, items, listing.source, listing.arrays)
 
 
 def _from_csv(path: Path, classes: Sequence[str] | None) -> ImageSet:
@@ -162,45 +159,7 @@ def _from_csv(path: Path, classes: Sequence[str] | None) -> ImageSet:
     return ImageSet(list(classes), items, str(path))
 
 
-def _mnist_files(root: Path) -> tuple[Path, Path] | None:
-    """torchvision's MNIST raw test files under ``root`` (``MNIST/raw/`` or ``raw/`` or the folder itself)."""
-    for folder in (root / "MNIST" / "raw", root / "raw", root):
-        for suffix in ("", ".gz"):
-            images = folder / f"t10k-images-idx3-ubyte{suffix}"
-            labels = folder / f"t10k-labels-idx1-ubyte{suffix}"
-            if images.is_file() and labels.is_file():
-                return images, labels
-    return None
-
-
-def _read_idx(path: Path, dims: int) -> Tensor:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-        magic, *shape = struct.unpack(f">{1 + dims}I", raw[: 4 * (1 + dims)])
-        if magic != 0x800 + dims:
-            raise ValueError(f"magic number {magic:#x}")
-        body = raw[4 * (1 + dims) :]
-        count = 1
-        for d in shape:
-            count *= d
-        if len(body) != count:
-            raise ValueError("truncated")
-        return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
-    except (OSError, ValueError, struct.error, EOFError) as exc:
-        raise WeightWeavingError(f"is not an IDX file: {exc}", path=path) from None
-
-
-def _from_mnist(root: Path, images: Path, labels: Path, classes: Sequence[str] | None) -> ImageSet:
-    pixels, targets = _read_idx(images, 3), _read_idx(labels, 1)
-    if len(pixels) != len(targets):
-        raise WeightWeavingError("holds a different number of labels than images", path=labels)
-    classes = list(classes) if classes is not None else [str(d) for d in range(10)]
-    return ImageSet(classes, [(i, int(t)) for i, t in enumerate(targets)], str(root), pixels)
-
-
-def _from_hf(spec: str, classes: Sequence[str] | None) -> ImageSet:
+def _from_hf(spec: str, classes: Sequence[str] | None, default_split: str = "test") -> ImageSet:
     """A Hugging Face dataset: ``hf:FOLDER`` (``save_to_disk``) or ``hf-hub:NAME``, then ``[:SPLIT[:IMAGE:LABEL]]``."""
     kind, _, rest = spec.partition(":")
     where, *more = rest.split(":")
@@ -226,7 +185,9 @@ def _from_hf(spec: str, classes: Sequence[str] | None) -> ImageSet:
         split = None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
-        chosen = split or ("test" if "test" in splits else (splits[0] if len(splits) == 1 else None))
+        chosen = split or (
+            default_split if default_split in splits else (splits[0] if len(splits) == 1 else None)
+        )
         if chosen not in splits:
             raise WeightWeavingError(
                 f"choose a split: {kind}:{where}:SPLIT, one of {', '.join(splits)}", path=where
@@ -293,26 +254,6 @@ class _Batches(torch.utils.data.Dataset[Any]):
             return _Failure(str(exc))
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels, torch.tensor([self.data.items[i][1] for i in chunk], dtype=torch.long)
-
-
-def _from_svhn(path: Path, classes: Sequence[str] | None) -> ImageSet:
-    """torchvision's SVHN: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with 10 standing for the digit 0."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise WeightWeavingError(
-            "reading SVHN's .mat files needs scipy (pip install scipy)", path=path
-        ) from None
-    try:
-        mat = loadmat(str(path), variable_names=["X", "y"])
-        pixels = torch.from_numpy(mat["X"]).permute(3, 0, 1, 2).contiguous()  # (N, 32, 32, 3)
-        targets = torch.from_numpy(mat["y"].astype("int64")).flatten().remainder(10)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise WeightWeavingError(f"is not torchvision's SVHN file: {exc}", path=path) from None
-    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or len(pixels) != len(targets):
-        raise WeightWeavingError("is not torchvision's SVHN file (X, y of other shapes)", path=path)
-    classes = list(classes) if classes is not None else [str(d) for d in range(10)]
-    return ImageSet(classes, [(i, int(t)) for i, t in enumerate(targets)], str(path), pixels)
 
 
 def batches(

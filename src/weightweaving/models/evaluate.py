@@ -43,10 +43,12 @@ def resolve_task(
     *,
     classes_file: str | Path | None = None,
     templates_file: str | Path | None = None,
+    default_split: str = "test",
 ) -> Task:
     """A task named like a paper dataset takes its class names and templates unless files are given.
 
     Otherwise the classes are the folder names (or CSV labels) and the template ``a photo of a {}.``.
+    ``data`` without ``:SPLIT`` is ``default_split`` of a layout that has splits.
     """
     builtin = find_paper_dataset(name)
     classes = (
@@ -59,11 +61,15 @@ def resolve_task(
         if templates_file
         else (paper_templates(builtin) if builtin else list(DEFAULT_TEMPLATES))
     )
-    return Task(name, open_images(data, classes), templates)
+    return Task(name, open_images(data, classes, dataset=builtin, default_split=default_split), templates)
 
 
 def parse_tasks(
-    specs: Sequence[str], classes: Sequence[str] = (), templates: Sequence[str] = ()
+    specs: Sequence[str],
+    classes: Sequence[str] = (),
+    templates: Sequence[str] = (),
+    *,
+    default_split: str = "test",
 ) -> list[Task]:
     """``NAME=DATA`` task specs, with ``--classes``/``--templates`` given as ``FILE`` (one task) or ``NAME=FILE``."""
     pairs = []
@@ -80,7 +86,13 @@ def parse_tasks(
         _per_task(templates, names, "--templates"),
     )
     return [
-        resolve_task(n, d, classes_file=class_files.get(n), templates_file=template_files.get(n))
+        resolve_task(
+            n,
+            d,
+            classes_file=class_files.get(n),
+            templates_file=template_files.get(n),
+            default_split=default_split,
+        )
         for n, d in pairs
     ]
 

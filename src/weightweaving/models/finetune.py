@@ -160,7 +160,7 @@ def run_finetune(
     """``weightweaving finetune``: one task's fine-tune of ``model``'s image encoder, written to ``out``."""
     recipe = recipe or Recipe()
     show = sys.stderr.isatty() if progress is None else progress
-    (parsed,) = parse_tasks([task], classes, templates)
+    (parsed,) = parse_tasks([task], classes, templates, default_split="train")
     if Path(out).exists() and not overwrite:
         raise WeightWeavingError("the output folder exists; pass --overwrite to replace it", path=out)
     torch.manual_seed(recipe.seed)

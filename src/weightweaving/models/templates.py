@@ -60,6 +60,20 @@ def paper_templates(name: str) -> list[str]:
     return list(_table()[_known(name)]["templates"])
 
 
+def folder_aliases() -> dict[str, str]:
+    """torchvision's folder name of a class where it is not the class name (EuroSAT's), to the class name.
+
+    Example:
+        >>> folder_aliases()["HerbaceousVegetation"]
+        'brushland or shrubland'
+    """
+    out: dict[str, str] = {}
+    for entry in _table().values():
+        if "folders" in entry:
+            out.update(zip(entry["folders"], entry["classes"], strict=True))
+    return out
+
+
 def _known(name: str) -> str:
     found = find_paper_dataset(name)
     if found is None:
