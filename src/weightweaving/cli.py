@@ -223,7 +223,9 @@ def _clip_task_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME=DATA",
-        help="a task: an image folder (a sub-folder per class), a CSV of path,label, MNIST/SVHN files, or "
+        help="a task: an image folder (a sub-folder per class), a CSV of path,label, a paper dataset as "
+        "torchvision or task_vectors store it, DATA[:SPLIT] (the dataset's folder or a root holding several; "
+        "split default: test, finetune: train), or "
         "hf:FOLDER[:SPLIT] (a datasets save_to_disk folder; hf-hub:NAME loads one from the hub); "
         "a paper dataset NAME (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) brings its "
         "class names and templates (repeatable)",

@@ -40,6 +40,8 @@ def test_hf_folder_scores_like_the_image_folder(clip_dir, images, tmp_path, caps
         runs[name] = json.loads(out.read_text())
     assert runs["hf"]["per_task"] == runs["folder"]["per_task"]
     assert runs["hf"]["images"] == runs["folder"]["images"]
+    datasets.DatasetDict({"train": table.select([0, 1]), "test": table}).save_to_disk(str(tmp_path / "two"))
+    assert len(open_images(f"hf:{tmp_path / 'two'}", default_split="train")) == 2  # finetune's default
 
 
 def test_hf_columns_given_and_errors(images, tmp_path):

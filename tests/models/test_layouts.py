@@ -334,3 +334,43 @@ def test_evaluate_reads_a_torchvision_root_by_task_name(clip_dir, tmp_path, caps
     shifted = 100.0 * sum(p == (y + 1) % 10 for p, y in zip(predicted, labels, strict=True)) / len(labels)
     assert got["per_task"]["EuroSAT"] == want and got["images"]["EuroSAT"] == 19
     assert want != shifted  # the labels matter for this model: a wrong class order would show
+
+
+def test_finetune_reads_the_training_split_by_default(clip_dir, tmp_path, capsys):
+    import json
+
+    from weightweaving.cli import main
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">4I", 0x803, 3, 28, 28) + bytes(range(256)) * 9 + bytes(3 * 784 - 2304))
+    with gzip.open(raw / "train-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">2I", 0x801, 3) + bytes([4, 0, 9]))
+    args = ["--steps", "1", "--warmup", "1", "--batch-size", "3", "--out", str(tmp_path / "ft")]
+    assert main(["finetune", "--model", str(clip_dir), "--task", f"MNIST={tmp_path}", *args]) == 0
+    record = json.loads((tmp_path / "ft" / "weightweaving_finetune.json").read_text())
+    assert record["data"] == f"{raw}:train"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(clip_dir), "--task", f"MNIST={tmp_path}"]) == 2  # no test files
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {raw / 't10k-images-idx3-ubyte'}: no such file (torchvision's MNIST raw files)"
+    )
+
+
+def test_reproduce_config_takes_a_data_root_with_a_split(tmp_path):
+    from weightweaving.models.evaluate import resolve_task
+    from weightweaving.models.reproduce import load_options
+
+    _dtd(tmp_path / "data")
+    config = tmp_path / "reproduce.yaml"
+    config.write_text(
+        "base: base/\ntasks:\n  DTD: {data: 'data:train', checkpoint: ft/dtd}\n  other: {data: data, checkpoint: ft/o}\n"
+    )
+    options = load_options(config)
+    assert options.tasks["DTD"].data == f"{tmp_path / 'data'}:train"  # relative to the config's folder
+    task = resolve_task("DTD", options.tasks["DTD"].data)
+    assert (
+        _named(task.data) == [("banded_0001.jpg", 0), ("zigzagged_0001.jpg", 46)] and len(task.templates) == 8
+    )

@@ -52,7 +52,8 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str = Field(
-        description="evaluation images: an image folder, a CSV of path,label, MNIST/SVHN files, hf:FOLDER"
+        description="evaluation images: an image folder, a CSV of path,label, a paper dataset's "
+        "torchvision/task_vectors layout (DATA[:SPLIT], default test), hf:FOLDER"
     )
     checkpoint: str = Field(
         description="the task's fine-tuned CLIP (CLIPModel or CLIPVisionModel folder, state dict)"
