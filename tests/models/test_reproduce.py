@@ -185,3 +185,21 @@ def test_continual_individual_is_task_aware_routing(run, capsys):
     individual = results["continual"]["individual"]
     assert individual["per_task"]["colours2"] == pytest.approx(correct / total)
     assert "task-aware" in individual["note"]
+
+
+def test_report_with_some_pools_only(run):
+    """A config may ask for some pools only (pools: [mean], [mean, magmax]); Table 3 shows those."""
+    from weightweaving.suite import report
+
+    stored = json.loads((run["out"] / "results.json").read_text())
+    diagnostics, meta = stored.pop("diagnostics"), stored.pop("meta")
+    for kept, expected in (
+        (("mean",), "Only the mean pool was run"),
+        (("mean", "magmax"), "| method | mean | magmax |"),
+    ):
+        results = json.loads(json.dumps(stored))
+        for setup in results.values():
+            for entry in setup.values():
+                if isinstance(entry, dict) and "weave_pools" in entry:
+                    entry["weave_pools"] = {p: entry["weave_pools"][p] for p in kept}
+        assert expected in report.markdown(results, diagnostics, meta)

@@ -363,15 +363,17 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
             f"| {m} | " + " | ".join(cells) + f" | {_f(a)} | {_f(b)} | {b - a:+.1f} | {paper_cell} |"
         )
     lines += ["", "## Table 3 — pooling over A*: mean / random / MagMax (average over the pooled setups)", ""]
-    pooled = [s for s in setups if "random" in results[s][methods_of(results, s)[0]]["weave_pools"]]
-    lines += [f"Setups pooled: {', '.join(pooled)}.", ""]
-    lines += ["| method | mean | random | magmax |", "|---|---|---|---|"]
-    for m in methods_of(results, setups[0]):
-        cells = [
-            _f(mean(results[s][m]["weave_pools"][p]["average"] for s in pooled))
-            for p in ("mean", "random", "magmax")
-        ]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    ran = {s: set(results[s][methods_of(results, s)[0]]["weave_pools"]) for s in setups}
+    pooled = [s for s in setups if ran[s] - {"mean"}]  # a run may ask for some pools only
+    pools = [p for p in ("mean", "random", "magmax") if pooled and all(p in ran[s] for s in pooled)]
+    if pools == ["mean"] or not pooled:
+        lines += ["Only the mean pool was run: no comparison of pools."]
+    else:
+        lines += [f"Setups pooled: {', '.join(pooled)}.", ""]
+        lines += ["| method | " + " | ".join(pools) + " |", "|---" * (len(pools) + 1) + "|"]
+        for m in methods_of(results, setups[0]):
+            cells = [_f(mean(results[s][m]["weave_pools"][p]["average"] for s in pooled)) for p in pools]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", *_strategy_table(results, setups), *recommendation(results)]
     lines += ["", "## What reproduced", ""]
     for claim, held, evidence in verdicts(results, diagnostics):
