@@ -183,3 +183,23 @@ def test_feature_cache_skips_the_forward_pass_for_the_same_encoder(clip_dir, ima
             (tmp_path / "changed" / name).write_bytes((clip_dir / name).read_bytes())
     with pytest.raises(AssertionError, match="the image encoder ran"):
         main(["evaluate", "--model", str(tmp_path / "changed"), *task, "--cache-dir", cache])
+
+
+def test_cuda_asked_for_without_cuda_is_one_line_error(clip_dir, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    task = ["--task", f"colours={images}"]
+    line = _error(capsys, "evaluate", "--model", str(clip_dir), *task, "--device", "cuda")
+    assert line == "error: --device cuda: CUDA is not available on this machine"
+    out = tmp_path / "ft"
+    line = _error(
+        capsys, "finetune", "--model", str(clip_dir), *task, "--out", str(out), "--device", "cuda:1"
+    )
+    assert line == "error: --device cuda:1: CUDA is not available on this machine" and not out.exists()
+    config = tmp_path / "r.yaml"
+    config.write_text(
+        f"base: {clip_dir}\nout: {tmp_path / 'run'}\ntasks:\n  a: {{data: {images}, checkpoint: {clip_dir}}}\n"
+        f"  b: {{data: {images}, checkpoint: {clip_dir}}}\n"
+    )
+    line = _error(capsys, "reproduce", str(config), "--device", "cuda")
+    assert line == "error: --device cuda: CUDA is not available on this machine"
+    assert not (tmp_path / "run").exists()

@@ -471,8 +471,8 @@ def reproduce(options: ReproduceOptions, *, progress: bool | None = None) -> Pat
     show = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
     folder = Path(options.out)
+    source = ClipSource(options, folder, show)  # a bad device, model or data stops here: no run folder yet
     folder.mkdir(parents=True, exist_ok=True)
-    source = ClipSource(options, folder, show)
     points = PointStore(folder / f"points-{_fingerprint(options)}.jsonl")
     files = {name: source.encoder_file(t.checkpoint) for name, t in options.tasks.items()}
     methods = available_methods(options.methods)
