@@ -318,6 +318,23 @@ def _yaml_value(text: str, flag: str) -> Any:
         raise OptionError(f"{flag} '{text}' is not valid YAML") from None
 
 
+def _clip_summary(out: Any) -> str | None:
+    """For a CLIP merge, one line saying what was merged and what was kept from the base."""
+    from pathlib import Path
+
+    record_file = Path(out) / "weightweaving_config.yaml"
+    if not record_file.is_file():
+        return None
+    clip = (yaml.safe_load(record_file.read_text()) or {}).get("clip")
+    if not isinstance(clip, dict):
+        return None
+    kept = clip.get("kept_from_base") or []
+    return (
+        f"CLIP: merged {clip.get('merged_count', '?')} parameters of the image encoder, kept {len(kept)} "
+        f"from the base (listed in {record_file.name}); --include chooses others"
+    )
+
+
 def _merge_options(args: argparse.Namespace) -> MergeOptions:
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     source = args.config or "command line"
@@ -448,6 +465,9 @@ def _main(argv: Sequence[str] | None) -> int:
             options = _merge_options(args)
             out = run_options(options)
             print(f"wrote {out}")
+            clip = _clip_summary(out)
+            if clip:
+                print(clip)
         elif args.command == "methods":
             _print_methods(args.name, markdown=args.markdown)
         elif args.command == "suite":

@@ -124,7 +124,7 @@ def test_open_clip_name_without_counterpart_is_refused():
     )
 
 
-def test_merging_clip_folders_merges_the_vision_tower_only(clip_dir, tmp_path):
+def test_merging_clip_folders_merges_the_vision_tower_only(clip_dir, tmp_path, capsys):
     tuned = []
     for i in range(2):
         model = transformers.CLIPModel.from_pretrained(str(clip_dir))
@@ -165,3 +165,7 @@ def test_merging_clip_folders_merges_the_vision_tower_only(clip_dir, tmp_path):
     assert "text_model.embeddings.token_embedding.weight" in record["clip"]["kept_from_base"]
     assert "logit_scale" in record["clip"]["kept_from_base"]
     assert not any(n.startswith("vision_model.") for n in record["clip"]["kept_from_base"])
+    printed = capsys.readouterr().out.splitlines()
+    kept = len(record["clip"]["kept_from_base"])
+    assert printed[1].startswith(f"CLIP: merged {record['clip']['merged_count']} parameters of the image encoder")
+    assert f"kept {kept} from the base" in printed[1]
