@@ -167,5 +167,7 @@ def test_merging_clip_folders_merges_the_vision_tower_only(clip_dir, tmp_path, c
     assert not any(n.startswith("vision_model.") for n in record["clip"]["kept_from_base"])
     printed = capsys.readouterr().out.splitlines()
     kept = len(record["clip"]["kept_from_base"])
-    assert printed[1].startswith(f"CLIP: merged {record['clip']['merged_count']} parameters of the image encoder")
+    assert printed[1].startswith(
+        f"CLIP: merged {record['clip']['merged_count']} parameters of the image encoder"
+    )
     assert f"kept {kept} from the base" in printed[1]
