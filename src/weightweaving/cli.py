@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="the YAML config")
     r.add_argument("--out", help="the run folder (overrides the config's)")
     r.add_argument("--device", help="cpu or cuda (overrides the config's)")
+    r.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="ray: one Ray task per λ point (overrides the config's; default: local)",
+    )
+    r.add_argument(
+        "--ray-address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS or a new one)"
+    )
     _common(r)
     return parser
 
@@ -511,7 +519,13 @@ def _main(argv: Sequence[str] | None) -> int:
         elif args.command == "reproduce":
             from .models.reproduce import run_reproduce
 
-            run_reproduce(args.config, out=args.out, device=args.device)
+            run_reproduce(
+                args.config,
+                out=args.out,
+                device=args.device,
+                executor=args.executor,
+                ray_address=args.ray_address,
+            )
         elif args.command == "evaluate":
             from .models.evaluate import run_evaluate
 

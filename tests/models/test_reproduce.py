@@ -203,3 +203,45 @@ def test_report_with_some_pools_only(run):
                 if isinstance(entry, dict) and "weave_pools" in entry:
                     entry["weave_pools"] = {p: entry["weave_pools"][p] for p in kept}
         assert expected in report.markdown(results, diagnostics, meta)
+
+
+def test_executor_ray_one_task_per_point_same_results(run, ray_cluster, monkeypatch, capsys):
+    """``executor: ray``: every λ point is a Ray task; the same results and points as the local run."""
+    from weightweaving.suite import parallel
+
+    calls = []
+    real = parallel.ray_map
+
+    def spy(job, n, *args, **kwargs):
+        calls.append(n)
+        return real(job, n, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "ray_map", spy)
+    config = yaml.safe_load((run["root"] / "config.yaml").read_text())
+    config.update(setups=["multitask", "domain"], methods=["ties"], executor="ray")  # a part, to be quick
+    (run["root"] / "ray.yaml").write_text(yaml.safe_dump(config))
+    out = run["root"] / "ray"
+    assert (
+        main(["reproduce", str(run["root"] / "ray.yaml"), "--out", str(out), "--ray-address", ray_cluster])
+        == 0
+    )
+    local = json.loads((run["out"] / "results.json").read_text())
+    remote = json.loads((out / "results.json").read_text())
+    for setup in ("multitask", "domain"):
+        assert remote[setup] == {k: v for k, v in local[setup].items() if k != "task_arithmetic"}
+    ties = [local[s]["ties"] for s in ("multitask", "domain", "domain")]  # domain: one per held-out task
+    assert calls == [sum(len(t["sweep"]["lambdas"]) + len(t["weave_pools"]) for t in ties)]
+    # the driver wrote each point as the local run did: the same scores, in the local run's order
+    records = [json.loads(line) for line in next(out.glob("points-*.jsonl")).read_text().splitlines()]
+    ours = [json.loads(line) for line in next(run["out"].glob("points-*.jsonl")).read_text().splitlines()]
+    keys = {r["key"] for r in records}
+    assert records == [r for r in ours if r["key"] in keys]
+    assert remote["meta"]["points"]["computed"] == len(records)
+
+
+def test_executor_ray_evaluates_on_cpus(run, capsys):
+    config = run["root"] / "config.yaml"
+    assert main(["reproduce", str(config), "--executor", "ray", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {config}: executor: ray evaluates on the workers' CPUs; use device: cpu"
+    )

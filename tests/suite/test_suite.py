@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import pytest
 import torch
 
 import weightweaving
-from weightweaving.suite import data, profiles
+from weightweaving.suite import data, profiles, train
 from weightweaving.suite.cache import CheckpointCache, recipe_key
 from weightweaving.suite.merging import paper_grid
 from weightweaving.suite.model import ViTConfig, build_model
+from weightweaving.suite.parallel import fork_map, ray_map
 from weightweaving.suite.run import run_suite
 from weightweaving.suite.stability import seed_spread
+from weightweaving.suite.zoo import ContinualRun, Zoo
 
 SMALL = data.Sizes(train=30, test=20, pretrain=10)
 
@@ -233,3 +236,56 @@ def test_report_says_whether_the_seed_was_used_to_choose_the_recipe() -> None:
         "The recipe was chosen looking at seeds 0, 1, 2: this run is one of them"
     )
     assert _seed_line({"seed": 3, "recipe_tuned_on_seeds": [0]}).endswith("seed 3 is an independent check.")
+
+
+def _random_zoo(n_tasks: int = 3, n_test: int = 30) -> Zoo:
+    """A zoo of random tiny encoders and heads (no training): enough to score methods on."""
+    recipe = dataclasses.replace(profiles.PROFILES["micro"], methods=("ties",), grid_stride=5)
+    cfg = recipe.vit
+    gen = torch.Generator().manual_seed(3)
+    pretrained = {k: v.detach().clone() for k, v in build_model(cfg, 0).state_dict().items()}
+
+    def tuned() -> dict[str, torch.Tensor]:
+        return {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in pretrained.items()}
+
+    def task(name: str, n_classes: int) -> data.Task:
+        split = data.Split(torch.randn(n_test, 3, 28, 28, generator=gen), torch.arange(n_test) % n_classes)
+        return data.Task(name, [str(c) for c in range(n_classes)], split, split)
+
+    tasks = [task(f"t{i}", 3) for i in range(n_tasks)]
+    heads = {t.name: torch.randn(3, cfg.embed_dim, generator=gen) for t in tasks}
+    heads["continual"] = torch.randn(4, cfg.embed_dim, generator=gen)
+    run = ContinualRun(2, [[0, 1], [2, 3]], [tuned(), tuned()], [tuned(), tuned()])
+    return Zoo(recipe, 0, tasks, task("cl", 4), pretrained, heads, {t.name: tuned() for t in tasks}, [run])
+
+
+def test_executor_ray_scores_one_task_per_lambda_point(ray_cluster) -> None:
+    """The Ray path splits every (setup, method) sweep into its points and folds them as a local run."""
+    from weightweaving.suite import run
+
+    zoo = _random_zoo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_suite does (and ray_map's tasks)
+    try:
+        with train.flush_denormals():
+            local = run._score(zoo, ["ties"], functools.partial(fork_map, workers=1), False)
+            sizes: list[int] = []
+
+            def mapper(job, n):
+                sizes.append(n)
+                return ray_map(job, n, ray_cluster)
+
+            remote = run._score_points(zoo, ["ties"], mapper, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert remote == local
+    # the scores differ from point to point: a point folded at the wrong λ or pool would show
+    sweep = local[0]["multitask"]["ties"]["sweep"]["per_task"]["t0"]
+    assert len(set(sweep)) > 1
+    # one task per point: multi-task has one problem, domain one per held-out task, continual one
+    results = local[0]
+    points = sum(
+        n * (len(results[s]["ties"]["sweep"]["lambdas"]) + len(results[s]["ties"]["weave_pools"]))
+        for s, n in (("multitask", 1), ("domain", 3), ("continual", 1))
+    )
+    assert sizes == [points + len(zoo.recipe.interference_lams)]

@@ -11,7 +11,9 @@ at its tuned λ (privileged), at λ = 1 and with Weight Weaving; the run folder 
 Memory: the base encoder and one merged encoder (plus the slope of a method linear in λ) are held;
 the fine-tuned encoders are read from safetensors files tensor by tensor by the merge. Every
 point's scores are appended to ``points-<config hash>.jsonl`` as soon as they are known, so a run
-that is stopped and started again continues where it was.
+that is stopped and started again continues where it was. With ``executor: ray`` every λ point of
+the sweeps (one merge and one evaluation) is a task on a Ray cluster whose nodes see the same paths;
+the driver records the points as the local run does, and the results are the same.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ class ReproduceOptions(BaseModel):
     device: str = "cpu"
     batch_size: int = Field(128, ge=1)
     workers: int = Field(0, ge=0, description="image-loading processes")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="ray: every λ point (one merge and one evaluation) is a task on a Ray cluster"
+    )
+    ray_address: str | None = Field(None, description="the Ray cluster (default: RAY_ADDRESS or a new one)")
 
     @field_validator("pools")
     @classmethod
@@ -189,6 +195,8 @@ def _check(options: ReproduceOptions, file: Path) -> None:
                     f"({len(bench.checkpoints)}), not {len(value)}",
                     path=file,
                 )
+    if options.executor == "ray" and options.device != "cpu":
+        raise OptionError("executor: ray evaluates on the workers' CPUs; use device: cpu", path=file)
     options.setups = list(setups)  # type: ignore[arg-type]
 
 
@@ -199,6 +207,7 @@ class PointStore:
         self.path = path
         self.known: dict[str, Scores] = {}
         self.reused = self.computed = 0
+        self._recorded: set[str] = set()  # computed elsewhere (record), not yet asked for
         if path.is_file():
             text = path.read_text("utf-8")
             good = []
@@ -215,10 +224,21 @@ class PointStore:
                 staging.replace(path)
 
     def __call__(self, key: str, compute: Callable[[], Scores]) -> Scores:
+        if key in self._recorded:  # counted when recorded
+            self._recorded.discard(key)
+            return self.known[key]
         if key in self.known:
             self.reused += 1
             return self.known[key]
-        scores = compute()
+        return self._keep(key, compute())
+
+    def record(self, key: str, scores: Scores) -> None:
+        """Keep the scores of a point computed elsewhere (a Ray task), as :meth:`__call__` keeps its
+        own; the first call asking for it then returns them as if it had computed them."""
+        self._keep(key, scores)
+        self._recorded.add(key)
+
+    def _keep(self, key: str, scores: Scores) -> Scores:
         self.computed += 1
         self.known[key] = scores
         with self.path.open("a", encoding="utf-8") as fh:
@@ -453,6 +473,45 @@ def _scaled(source: ClipSource, file: str, lam: float) -> dict[str, Tensor]:
     return out
 
 
+def _sweep_points(source: ClipSource, files: dict[str, str], setup: str, method: str) -> list[Any]:
+    from ..suite import protocols
+
+    options = source.options
+    found = _problems(source, setup, files)
+    pools = tuple(options.pools)
+    return protocols.sweep_points(
+        source.pretrained, found, options.seed, setup, method, pools, options.grid_stride
+    )
+
+
+def _sweeps_on_ray(
+    source: ClipSource, files: dict[str, str], jobs: Sequence[tuple[str, str]], points: PointStore, show: bool
+) -> None:
+    """Every λ point of every sweep not yet in ``points``, one Ray task each (merge and evaluate on
+    the worker, which reads the checkpoints and images from the same paths); the driver records the
+    scores in ``points`` in the local run's order, as they come."""
+    from ..suite.parallel import ray_map
+
+    todo = [
+        (job, index, point.key)
+        for job, (setup, method) in enumerate(jobs)
+        for index, point in enumerate(_sweep_points(source, files, setup, method))
+        if point.key not in points.known
+    ]
+
+    def task(n: int) -> Scores:
+        job, index, _ = todo[n]
+        scores: Scores = _sweep_points(source, files, *jobs[job])[index].compute()
+        return scores
+
+    address = source.options.ray_address
+    results = ray_map(task, len(todo), address, threads=None, flush_denormal=False)
+    with tqdm(total=len(todo), desc="λ points on Ray", disable=not show, leave=False) as bar:
+        for (_, _, key), scores in zip(todo, results, strict=True):
+            points.record(key, scores)
+            bar.update(1)
+
+
 def _fingerprint(options: ReproduceOptions) -> str:
     """What the points depend on: checkpoints, data, heads, seed (not the device, batch size or folder)."""
     keep = options.model_dump(include={"base", "tasks", "continual", "seed"})
@@ -479,6 +538,8 @@ def reproduce(options: ReproduceOptions, *, progress: bool | None = None) -> Pat
     setups = [s for s in protocols.SETUPS if s in (options.setups or [])]
     results: dict[str, Any] = {s: _baselines(source, s, files, points) for s in setups}
     jobs = [(s, m) for s in setups for m in methods]
+    if options.executor == "ray":  # the sweeps' points first, one Ray task each; folded below
+        _sweeps_on_ray(source, files, jobs, points, show)
     with tqdm(total=len(jobs), desc="merge+evaluate", disable=not show, leave=False) as bar:
         for setup, method in jobs:
             found = _problems(source, setup, files)
@@ -532,9 +593,17 @@ def _meta(
     }
 
 
-def run_reproduce(config: str, *, out: str | None = None, device: str | None = None) -> Path:
+def run_reproduce(
+    config: str,
+    *,
+    out: str | None = None,
+    device: str | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+) -> Path:
     """``weightweaving reproduce CONFIG.yaml``."""
-    options = load_options(config, {"out": out, "device": device})
+    overrides = {"out": out, "device": device, "executor": executor, "ray_address": ray_address}
+    options = load_options(config, overrides)
     if not Path(options.base).exists():
         raise WeightWeavingError("no such file or folder", path=options.base)
     return reproduce(options)

@@ -77,19 +77,28 @@ def fork_map(job: Callable[[int], T], n: int, workers: int) -> Iterator[T]:
         _JOB = None
 
 
-def ray_map(job: Callable[[int], T], n: int, address: str | None = None) -> Iterator[T]:
+def ray_map(
+    job: Callable[[int], T],
+    n: int,
+    address: str | None = None,
+    *,
+    threads: int | None = 1,
+    flush_denormal: bool = True,
+) -> Iterator[T]:
     """What :func:`fork_map` does, on a Ray cluster at ``address``: one task per job, in order.
 
     The job (a closure over the zoo) is pickled once into Ray's object store; each task sets up its
-    worker as a forked one is (one thread, denormals flushed), so results equal a local run's.
+    worker as a forked one is (``threads`` torch threads, None: the driver's; denormals flushed or
+    not, as the driver runs), so results equal a local run's.
     """
     from ..engine.ray_executor import RayExecutor
 
-    return RayExecutor(address, task_bytes=1, threads=1).map(functools.partial(_in_ray_worker, job), range(n))
+    task = functools.partial(_in_ray_worker, job, flush_denormal)
+    return RayExecutor(address, task_bytes=1, threads=threads).map(task, range(n))
 
 
-def _in_ray_worker(job: Callable[[int], T], index: int) -> T:
+def _in_ray_worker(job: Callable[[int], T], flush_denormal: bool, index: int) -> T:
     import torch
 
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(flush_denormal)  # a Ray worker process is reused: set it either way
     return job(index)

@@ -111,9 +111,59 @@ def entry(per_task: Scores) -> dict[str, object]:
     return {"per_task": dict(per_task), "average": mean(per_task.values())}
 
 
-def score_method(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int) -> dict[str, object]:
+def score_method(
+    zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, points: Points | None = None
+) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
-    return score_problems(zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride)
+    return score_problems(
+        zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride, points
+    )
+
+
+def method_points(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int) -> list[SweepPoint]:
+    """The points of :func:`score_method`, in its order: each one merge and one evaluation."""
+    return sweep_points(zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride)
+
+
+@dataclass
+class SweepPoint:
+    """One point of a method's sweep: a problem's merge at ``lam`` (or woven with ``pool``), evaluated."""
+
+    key: str
+    problem: int
+    lam: float | None
+    pool: str | None
+    compute: Callable[[], Scores]
+
+
+def sweep_points(
+    pretrained: StateDict,
+    found: list[Problem],
+    seed: int,
+    setup: str,
+    method: str,
+    pools: Sequence[str],
+    stride: int,
+) -> list[SweepPoint]:
+    """Every point :func:`score_problems` scores, in its order; each is independent of the others
+    (a problem's merges are shared by its points when they run in one process, made again otherwise)."""
+    grid = paper_grid(method, setup, stride)
+    weave_grid = paper_grid(method, setup, 1)
+    out = []
+    for index, problem in enumerate(found):
+        family = _LazyFamily(pretrained, problem, method, seed)
+        for lam in grid:
+            key = f"{setup}/{method}/{index}/lam={lam}"
+            out.append(SweepPoint(key, index, lam, None, functools.partial(family.evaluate_at, lam)))
+        for pool in _with_recommended(pools):
+            key = f"{setup}/{method}/{index}/weave={pool}"
+            compute = functools.partial(family.evaluate_woven, weave_grid, pool)
+            out.append(SweepPoint(key, index, None, pool, compute))
+    return out
+
+
+def _with_recommended(pools: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*pools, RECOMMENDED)))
 
 
 def score_problems(
@@ -130,22 +180,22 @@ def score_problems(
 
     ``pretrained`` is the encoder's state dict and each problem's ``finetuned`` are state dicts or
     checkpoint paths (read lazily by the merge). ``points(key, compute)`` may answer a point from a
-    store of earlier results (a resumed run); a problem's merges are made only when a point needs them.
+    store of earlier results (a resumed run, or points computed elsewhere: one Ray task each); a
+    problem's merges are made only when a point needs them.
     """
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
     sweep: dict[float, Scores] = {lam: {} for lam in grid}
-    pools = tuple(dict.fromkeys((*pools, RECOMMENDED)))
+    pools = _with_recommended(pools)
     woven: dict[str, Scores] = {pool: {} for pool in pools}
     point = points or (lambda key, compute: compute())
-    for index, problem in enumerate(found):
-        family = _LazyFamily(pretrained, problem, method, seed)
-        for lam in grid:
-            key = f"{setup}/{method}/{index}/lam={lam}"
-            sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
-        for pool in pools:
-            key = f"{setup}/{method}/{index}/weave={pool}"
-            woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pool)))
+    for item in sweep_points(pretrained, found, seed, setup, method, pools, stride):
+        scores = point(item.key, item.compute)
+        if item.pool is None:
+            assert item.lam is not None
+            sweep[item.lam].update(scores)
+        else:
+            woven[item.pool].update(scores)
     averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
     best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
     tuned = entry(sweep[best])

@@ -54,9 +54,9 @@ def run_suite(
         profile: a named recipe from ``PROFILES`` (overrides ``quick``; ``"micro"`` is for tests).
         workers: processes for fine-tuning and scoring (default: the usable cores, at most 8, or
             ``WEIGHTWEAVING_SUITE_WORKERS``); results do not depend on it.
-        executor: ``"local"`` (``workers`` forked processes) or ``"ray"``: score every (setup,
-            method) job, each one λ sweep, as a task on the Ray cluster at ``ray_address`` (the
-            fine-tuning stays here); the same results.
+        executor: ``"local"`` (``workers`` forked processes, one (setup, method) λ sweep each) or
+            ``"ray"``: every point of every λ sweep (one merge plus one evaluation) is a task on the
+            Ray cluster at ``ray_address``, folded here (the fine-tuning stays here); the same results.
 
     Returns:
         The run folder, holding ``report.md``, ``results.json``, ``config.json`` and the PNG plots.
@@ -87,12 +87,12 @@ def run_suite(
         zoo = build_zoo(recipe, seed, cache, show, workers)
         trained = time.perf_counter()
         methods = available_methods(recipe.methods)
-        mapper = (
-            functools.partial(fork_map, workers=workers)
-            if executor == "local"
-            else functools.partial(ray_map, address=ray_address)
-        )
-        results, diagnostics = _score(zoo, methods, mapper, show)
+        if executor == "local":
+            results, diagnostics = _score(zoo, methods, functools.partial(fork_map, workers=workers), show)
+        else:
+            results, diagnostics = _score_points(
+                zoo, methods, functools.partial(ray_map, address=ray_address), show
+            )
         if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
             results["multitask"].update(
                 withdata.score_with_data(zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride)
@@ -144,8 +144,7 @@ def _score(
             return protocols.interference(zoo, recipe.interference_lams[index - len(pairs)])
         setup, method = pairs[index]
         tick = time.perf_counter()
-        pools = (*(POOLS if setup in recipe.pool_setups else ("mean",)), *recipe.strategies)
-        scored = protocols.score_method(zoo, setup, method, pools, recipe.grid_stride)
+        scored = protocols.score_method(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)
         log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
         return scored
 
@@ -159,14 +158,63 @@ def _score(
             else:
                 interference.append(value)
             bar.update(1)
-    diagnostics = {
+    return results, _diagnostics(zoo, interference)
+
+
+def _pools(zoo: Zoo, setup: str) -> tuple[str, ...]:
+    recipe = zoo.recipe
+    return (*(POOLS if setup in recipe.pool_setups else ("mean",)), *recipe.strategies)
+
+
+def _score_points(
+    zoo: Zoo, methods: list[str], mapper: Callable[[Callable[[int], Any], int], Iterable[Any]], show: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What :func:`_score` finds, with every λ point of every sweep a job of its own (``ray_map``):
+    the jobs return scores, and each method's sweep is folded here from them as it is locally."""
+    recipe = zoo.recipe
+    results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
+    pairs = [(setup, method) for setup in protocols.SETUPS for method in methods]
+    # (pair, point) of every job; the points' keys are the driver's, for the fold
+    keys = [
+        [p.key for p in protocols.method_points(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)]
+        for setup, method in pairs
+    ]
+    jobs = [(pair, point) for pair, found in enumerate(keys) for point in range(len(found))]
+
+    def job(index: int) -> Any:
+        if index >= len(jobs):
+            return protocols.interference(zoo, recipe.interference_lams[index - len(jobs)])
+        pair, point = jobs[index]
+        setup, method = pairs[pair]
+        found = protocols.method_points(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)
+        return found[point].compute()
+
+    n_jobs = len(jobs) + len(recipe.interference_lams)
+    done: dict[str, Any] = {}
+    interference = []
+    with tqdm(total=n_jobs, desc="merge+evaluate", disable=not show, leave=False) as bar:
+        for index, value in enumerate(mapper(job, n_jobs)):
+            if index < len(jobs):
+                pair, point = jobs[index]
+                done[keys[pair][point]] = value
+            else:
+                interference.append(value)
+            bar.update(1)
+    for setup, method in pairs:
+        results[setup][method] = protocols.score_method(
+            zoo, setup, method, _pools(zoo, setup), recipe.grid_stride, lambda key, _: done[key]
+        )
+    return results, _diagnostics(zoo, interference)
+
+
+def _diagnostics(zoo: Zoo, interference: list[Any]) -> dict[str, Any]:
+    return {
         "interference": interference,
         "cosine": _cosines(zoo),
         "multitask_task_vector_cosine": _mean_offdiag(
             protocols.cosine_matrix(zoo.pretrained, [zoo.finetuned[t.name] for t in zoo.tasks])
         ),
     }
-    return results, diagnostics
 
 
 _mean_offdiag = protocols.mean_offdiag
