@@ -12,7 +12,7 @@ from weightweaving.methods import LamForm, UnitContext
 from weightweaving.methods.svc import calibrate
 from weightweaving.weaving import make_pool
 
-POOLS = ["trimmed_mean", "median", "agreement", "fitted_lambda", "calibrated"]
+POOLS = ["trimmed_mean", "median", "agreement", "fitted_lambda", "calibrated", "nearest_mean"]
 
 
 def _pool(name, members, task_vectors=(), hyperparameters=None, ctx_name="w"):
@@ -74,6 +74,40 @@ def test_fitted_lambda_chooses_per_tensor():
         weightweaving.weave(
             base, tuned, "task_arithmetic", lambdas=[1.0], pool="fitted_lambda", pool_over="merged"
         )
+
+
+def test_nearest_mean_is_task_arithmetic_at_one_over_t():
+    """g = Σ Δ_t = T·Δ̄, so the nearest member of {λ·g} to Δ̄ is λ = 1/T whatever the overlap."""
+    base = {"orth": torch.zeros(3), "same": torch.zeros(3)}
+    tuned = [
+        {"orth": torch.tensor([3.0, 0.0, 0.0]), "same": torch.tensor([1.0, 2.0, 0.0])},
+        {"orth": torch.tensor([0.0, 3.0, 0.0]), "same": torch.tensor([1.0, 2.0, 0.0])},
+        {"orth": torch.tensor([0.0, 0.0, 3.0]), "same": torch.tensor([1.0, 2.0, 0.0])},
+    ]
+    lams = [0.1 * i for i in range(1, 11)]
+    woven = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, pool="nearest_mean")
+    torch.testing.assert_close(woven["orth"], 0.3 * torch.tensor([3.0, 3.0, 3.0]))
+    torch.testing.assert_close(woven["same"], 0.3 * torch.tensor([3.0, 6.0, 0.0]))
+    with pytest.raises(OptionError, match="needs the task vectors"):
+        weightweaving.weave(
+            base, tuned, "task_arithmetic", lambdas=lams, pool="nearest_mean", pool_over="merged"
+        )
+
+
+@pytest.mark.parametrize("method", ["ties", "svc"])
+def test_nearest_mean_is_the_merge_nearest_the_mean_task_vector(method):
+    """Per tensor, against a brute force over the method's merges (a linear and a non-linear method)."""
+    base, tuned = toy_models(4, seed=3)
+    lams = [0.2 * i for i in range(1, 9)]
+    woven = weightweaving.weave(base, tuned, method, lambdas=lams, pool="nearest_mean")
+    merges = [weightweaving.merge(base, tuned, method=method, lam=lam, progress=False) for lam in lams]
+    for key, value in base.items():
+        if not value.is_floating_point():
+            continue
+        mean_tv = torch.stack([t[key] - value for t in tuned]).mean(0)
+        members = [m[key] - value for m in merges]
+        nearest = min(members, key=lambda m: float((m - mean_tv).norm()))
+        torch.testing.assert_close(woven[key] - value, nearest, rtol=1e-5, atol=1e-6)
 
 
 def test_calibrated_is_svc_of_the_inner_pool():

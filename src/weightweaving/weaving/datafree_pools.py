@@ -222,3 +222,57 @@ class CalibratedPool(HeldPool):
             return pooled
         alpha = self.p.alpha if self.p.alpha is not None else 1 / len(task_vectors)
         return calibrate(pooled, torch.stack(task_vectors), alpha)
+
+
+@register_pool("nearest_mean")
+class NearestMeanPool(Pool):
+    """Per tensor, the merged member nearest (L2) to the mean task vector ``Δ̄ = mean_t Δ_t``:
+    ``argmin_j ‖a_j − Δ̄‖`` over the search space (the smaller λ wins ties).
+
+    A per-tensor choice of λ from the weights alone: of the method's merges, the one that moves this
+    tensor as weight averaging would, in both size and direction, while keeping the method's own way of
+    resolving interference. For a method linear in λ, ``a(λ) = λ·g``, this is the grid λ nearest the
+    least-squares coefficient ``⟨g, Δ̄⟩ / ‖g‖²``: 1/T for Task Arithmetic (whatever the overlap), larger
+    for methods whose merge at λ = 1 is already of one task's size (TIES, MagMax).
+
+    Streams: keeps the task vectors' running sum and the best member so far; a group linear or affine
+    in λ is scored for all its λ values in closed form, ``‖r + λ·s‖² = ‖r‖² + 2λ⟨r, s⟩ + λ²‖s‖²``, so
+    memory does not grow with the search space. Needs the task vectors first (``pool_over='all'``, the
+    weaver's member order)."""
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.total = torch.zeros_like(like, dtype=torch.float64)
+        self.count = 0
+        self.best: tuple[float, float, LamForm, float | None] | None = None
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if lams == (None,):
+            if self.best is not None:
+                raise OptionError(f"pool '{self.name}' needs the task vectors before the merged members")
+            self.total.add_(_values(form, None))
+            self.count += 1
+            return
+        if self.count == 0:
+            _needs_task_vectors(self.name, [])
+        target = self.total / self.count
+        offset = None if form.offset is None else form.offset.double()
+        residual = -target if offset is None else offset - target
+        rr = float(residual.square().sum())
+        if form.slope is None:
+            scores = [(rr, lam) for lam in lams]
+        else:
+            slope = form.slope.double()
+            rs, ss = float((residual * slope).sum()), float(slope.square().sum())
+            scores = []
+            for lam in lams:
+                at = 1.0 if lam is None else lam
+                scores.append((rr + 2 * at * rs + at * at * ss, lam))
+        for score, lam in scores:
+            order = float("inf") if lam is None else lam
+            if self.best is None or (score, order) < (self.best[0], self.best[1]):
+                self.best = (score, order, form, lam)
+
+    def result(self) -> Tensor:
+        if self.best is None:
+            raise OptionError(f"pool '{self.name}' needs merged members (a search space)")
+        return _values(self.best[2], self.best[3]).clone()
