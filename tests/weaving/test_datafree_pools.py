@@ -12,7 +12,15 @@ from weightweaving.methods import LamForm, UnitContext
 from weightweaving.methods.svc import calibrate
 from weightweaving.weaving import make_pool
 
-POOLS = ["trimmed_mean", "median", "agreement", "fitted_lambda", "calibrated", "nearest_mean"]
+POOLS = [
+    "trimmed_mean",
+    "median",
+    "agreement",
+    "fitted_lambda",
+    "calibrated",
+    "nearest_mean",
+    "norm_filtered",
+]
 
 
 def _pool(name, members, task_vectors=(), hyperparameters=None, ctx_name="w"):
@@ -108,6 +116,26 @@ def test_nearest_mean_is_the_merge_nearest_the_mean_task_vector(method):
         members = [m[key] - value for m in merges]
         nearest = min(members, key=lambda m: float((m - mean_tv).norm()))
         torch.testing.assert_close(woven[key] - value, nearest, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "svc"])
+def test_norm_filtered_pools_the_merges_no_larger_than_the_mean_task_vector(method):
+    """Per tensor, against a brute force over the method's merges (a linear and a non-linear method)."""
+    base, tuned = toy_models(4, seed=5)
+    lams = [0.2 * i for i in range(1, 9)]
+    woven = weightweaving.weave(base, tuned, method, lambdas=lams, pool="norm_filtered")
+    merges = [weightweaving.merge(base, tuned, method=method, lam=lam, progress=False) for lam in lams]
+    kept_some = dropped_some = False
+    for key, value in base.items():
+        if not value.is_floating_point():
+            continue
+        tvs = [t[key] - value for t in tuned]
+        limit = float(torch.stack(tvs).mean(0).norm())
+        kept = [m[key] - value for m in merges if float((m[key] - value).norm()) <= limit]
+        kept_some |= bool(kept)
+        dropped_some |= len(kept) < len(merges)
+        torch.testing.assert_close(woven[key] - value, torch.stack(tvs + kept).mean(0), rtol=1e-5, atol=1e-6)
+    assert kept_some and dropped_some
 
 
 def test_calibrated_is_svc_of_the_inner_pool():

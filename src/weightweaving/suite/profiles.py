@@ -27,16 +27,28 @@ METHODS: tuple[str, ...] = (
 # Suite labels that are not registry names: label -> (method, its hyperparameters).
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {"svc_tsv": ("svc", {"base": "tsv"})}
 POOLS: tuple[str, ...] = ("mean", "random", "magmax")
-# Data-free strategies evaluated beside the paper's mean pool in every setup (registered pools).
-STRATEGIES: tuple[str, ...] = ("trimmed_mean", "median", "agreement", "fitted_lambda", "calibrated")
+# Data-free strategies evaluated beside the paper's mean pool in every setup (registered pools). Two
+# streamed pools (each costs one weave and one evaluation per problem): the others registered
+# (trimmed_mean, median, agreement, fitted_lambda, calibrated) did no better on seeds 0-2 (below).
+STRATEGIES: tuple[str, ...] = ("nearest_mean", "norm_filtered")
 # The strategy the suite recommends as the data-free default (results' ``recommended`` variant),
 # and how it was chosen (printed in the report next to this run's own numbers).
-# Full profile, seed 0 (the only seed measured): trimmed_mean reached or beat the mean pool in 11 of
-# the 12 continual/domain cells and closed 21% of the gap to the best λ (median: 9/12, 29%; the
-# others lower). The issue's bar (>= 10/12 and >= 50%) was not met by any strategy on that seed.
-RECOMMENDED: str = "trimmed_mean"
+# Full profile (continual protocol of main at 07:00 UTC, 2026-12-02), the issue's 12 cells (continual
+# and domain x the six paper methods), cells at or above the mean pool / share of the gap to the best
+# λ closed:
+#   seed 0: nearest_mean 11/12, 59%; norm_filtered 10/12, 40%; trimmed_mean 11/12, 21%; median 9/12, 29%
+#   seed 1: nearest_mean  6/12, 41%; norm_filtered 10/12, 46%; trimmed_mean  8/12, 19%; median 9/12, 28%
+#   seed 2 (continual only, 6 cells): nearest_mean 4/6, 31%; norm_filtered 2/6, 19%; trimmed_mean 4/6, 12%
+# Norm matching (the member or rescaled pool of norm ‖Δ̄‖ or mean ‖Δ_t‖), task-vector coherence
+# scaling and the per-task coefficient (fitted_lambda) did worse on seeds 0-1. No strategy met the
+# issue's bar (>= 10/12 and >= 50%) on every seed; nearest_mean closed the most gap on each.
+# Seed 3 (unseen) was not run. On a trial continual protocol whose fine-tunes train against the whole
+# head (merges above zero-shot), nearest_mean fell below the mean pool for PCB, TSV and ISO-C (seed 0).
+RECOMMENDED: str = "nearest_mean"
 RECOMMENDED_BASIS: str = (
-    "chosen on seed 0 of the full profile only: 11/12 cells at or above the mean pool, 21% of the gap closed"
+    "chosen on seeds 0-2 of the full profile as the strategy closing the most gap to the best λ on each "
+    "(seed 0: 11/12 cells at or above the mean pool, 59%; seed 1: 6/12, 41%; seed 2, continual: 4/6, 31%); "
+    "the issue's bar was not met on every seed, and no unseen seed was run"
 )
 # The seeds whose results were looked at while choosing the recipes; any other seed is unseen.
 # Fine-tuning lr was chosen on seed 0; the shipped encoder (36 or 72 epochs) on seeds 0-2.

@@ -276,3 +276,59 @@ class NearestMeanPool(Pool):
         if self.best is None:
             raise OptionError(f"pool '{self.name}' needs merged members (a search space)")
         return _values(self.best[2], self.best[3]).clone()
+
+
+@register_pool("norm_filtered")
+class NormFilteredPool(Pool):
+    """The mean of the task vectors and of the merged members no larger than the mean task vector:
+    ``mean({Δ_t} ∪ {a_j : ‖a_j‖ ≤ ‖Δ̄‖})`` per tensor, ``Δ̄ = mean_t Δ_t`` (the task vectors alone
+    when no merged member is that small).
+
+    A data-free filter of the search space (the paper's conclusion): a merge that moves this tensor
+    further than weight averaging would is left out of the pool. Streams: the task vectors' sum and the
+    pooled sum; a group linear or affine in λ is filtered for all its λ values in closed form
+    (``‖r + λ·s‖² = ‖r‖² + 2λ⟨r, s⟩ + λ²‖s‖²``) and folded in one step, so memory does not grow with the
+    search space. Needs the task vectors first (``pool_over='all'``, the weaver's member order)."""
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.tv_total = torch.zeros_like(like, dtype=torch.float64)
+        self.total = torch.zeros_like(like, dtype=torch.float64)
+        self.tvs = 0
+        self.kept = 0
+        self.merged_seen = False
+        self.like = like
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if lams == (None,):
+            if self.merged_seen:
+                raise OptionError(f"pool '{self.name}' needs the task vectors before the merged members")
+            self.tv_total.add_(_values(form, None))
+            self.tvs += 1
+            return
+        self.merged_seen = True
+        if self.tvs == 0:
+            _needs_task_vectors(self.name, [])
+        limit = float((self.tv_total / self.tvs).square().sum())
+        offset = None if form.offset is None else form.offset.double()
+        oo = 0.0 if offset is None else float(offset.square().sum())
+        kept = [1.0 if lam is None else lam for lam in lams]
+        if form.slope is None:
+            kept = kept if oo <= limit * (1 + 1e-9) else []
+            if kept:
+                assert offset is not None
+                self.total.add_(offset, alpha=float(len(kept)))
+        else:
+            slope = form.slope.double()
+            os_ = 0.0 if offset is None else float((offset * slope).sum())
+            ss = float(slope.square().sum())
+            kept = [lam for lam in kept if oo + 2 * lam * os_ + lam * lam * ss <= limit * (1 + 1e-9)]
+            if kept:
+                if offset is not None:
+                    self.total.add_(offset, alpha=float(len(kept)))
+                self.total.add_(slope, alpha=float(sum(kept)))
+        self.kept += len(kept)
+
+    def result(self) -> Tensor:
+        if self.tvs == 0:
+            _needs_task_vectors(self.name, [])
+        return ((self.tv_total + self.total) / (self.tvs + self.kept)).to(self.like.dtype)
