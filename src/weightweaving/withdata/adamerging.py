@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,22 @@ from ..errors import WeightWeavingError
 from ..methods.base import seed_for
 from ..methods.cart import REFERENCE_SVD_INCLUDE
 from ..methods.steps import low_rank, name_matches, thin_svd
-from .features import Forward, default_forward
+from .features import Forward, default_forward, persistent_names
 
 log = logging.getLogger("weightweaving")
 
 Head = Callable[[Tensor], Tensor]
+
+
+class Inputs(Protocol):
+    """A task's unlabeled inputs: a tensor (N, ...), or anything sized that a tensor of indices selects
+    a batch from (images read and preprocessed on demand)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Tensor, /) -> Tensor: ...
+
+
 Loss = Callable[[Tensor], Tensor]
 
 
@@ -92,7 +104,7 @@ def learn_coefficients(
     model: nn.Module,
     offset: Mapping[str, Tensor],
     directions: Mapping[str, Tensor],
-    data: Sequence[Tensor],
+    data: Sequence[Inputs],
     heads: Sequence[Head],
     *,
     steps: int = 500,
@@ -125,7 +137,7 @@ def learn_coefficients(
     dev = torch.device(device)
     num_tasks = len(heads)
     fixed: dict[str, Tensor] = {}
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+    for name in persistent_names(model):
         key = prefix + name
         if key not in offset:
             raise WeightWeavingError(f"the model's '{name}' is not in the checkpoints (looked for '{key}')")

@@ -191,6 +191,13 @@ def hookable_parameters(model: nn.Module, prefix: str = "") -> ExemplarStatistic
     return ExemplarStatistics(biases=recorder.biases, skipped=recorder.skipped)
 
 
+def persistent_names(model: nn.Module) -> list[str]:
+    """The names of the model's state dict (parameters and persistent buffers): what checkpoints hold.
+
+    A non-persistent buffer (CLIP's ``position_ids``) is not in a checkpoint; the model's own is used."""
+    return list(model.state_dict(keep_vars=True))
+
+
 def task_parameters(
     model: nn.Module,
     pretrained: Mapping[str, Tensor],
@@ -202,7 +209,9 @@ def task_parameters(
 ) -> dict[str, Tensor]:
     """The model's parameters and buffers at ``θ_pre + scale·(θ_t − θ_pre)`` on the device."""
     params = {}
-    for name, own in [*model.named_parameters(), *model.named_buffers()]:
+    own_tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    for name in persistent_names(model):
+        own = own_tensors[name]
         key = prefix + name
         if key not in pretrained or key not in finetuned:
             raise WeightWeavingError(f"the model's '{name}' is not in the checkpoints (looked for '{key}')")
