@@ -100,6 +100,23 @@ def cart_directions(
     return offset, directions
 
 
+def _outputs(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    drawn: list[tuple[int, Tensor]],
+    forward: Forward,
+    joint: bool,
+) -> list[tuple[int, Tensor]]:
+    """The model's output for each drawn batch: one forward over all of them, or one per batch."""
+    shapes = {tuple(x.shape[1:]) for _, x in drawn}
+    if joint and len(drawn) > 1 and len(shapes) == 1:
+        out = forward(model, params, torch.cat([x for _, x in drawn]))
+        if isinstance(out, Tensor) and len(out) == sum(len(x) for _, x in drawn):
+            parts = out.split([len(x) for _, x in drawn])
+            return [(t, part) for (t, _), part in zip(drawn, parts, strict=True)]
+    return [(t, forward(model, params, x)) for t, x in drawn]
+
+
 def learn_coefficients(
     model: nn.Module,
     offset: Mapping[str, Tensor],
@@ -118,6 +135,7 @@ def learn_coefficients(
     prefix: str = "",
     loss: Loss = entropy,
     forward: Forward = default_forward,
+    joint: bool = True,
     progress: bool | None = None,
 ) -> Learned:
     """Learn ``λ[t, l]`` for ``θ_l = offset_l + Σ_t λ[t, l]·directions_l[t]`` on unlabeled ``data``.
@@ -126,6 +144,9 @@ def learn_coefficients(
         model: the architecture; its state dict keys, after ``prefix``, are the keys of ``offset``.
         data: unlabeled inputs per task, (n_t, ...); ``heads[t]`` maps the model's output to logits.
         loss: what is minimised per batch (default: the mean prediction entropy).
+        joint: run a step's batches (every task's) through the model as one batch when their shapes
+            allow and the output is a tensor; the loss is the same sum of per-batch losses (the model
+            is in eval mode, so no layer mixes the samples), only faster for small models.
     """
     if len(data) != len(heads):
         raise WeightWeavingError(f"{len(data)} test-time data sets for {len(heads)} classifier heads")
@@ -171,14 +192,17 @@ def learn_coefficients(
                 if key in index:
                     column = lam[:, index[key]]
                     params[name] = fixed[name] + torch.tensordot(column, held[key], dims=1)
-            total = torch.zeros((), device=dev)
-            for t, (inputs, head) in enumerate(zip(data, heads, strict=True)):
+            drawn: list[tuple[int, Tensor]] = []  # (task, batch of inputs)
+            for t, inputs in enumerate(data):
                 order = torch.randperm(len(inputs), generator=generators[t])
                 for b in range(batches_per_task):
                     chosen = order[b * batch_size : (b + 1) * batch_size]
                     if len(chosen) == 0:
                         break
-                    total = total + loss(head(forward(model, params, inputs[chosen].to(dev))))
+                    drawn.append((t, inputs[chosen].to(dev)))
+            total = torch.zeros((), device=dev)
+            for t, outputs in _outputs(model, params, drawn, forward, joint):
+                total = total + loss(heads[t](outputs))
             losses.append(float(total.detach()))
             optimizer.zero_grad()
             total.backward()
