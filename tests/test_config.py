@@ -11,7 +11,7 @@ import yaml
 import weightweaving
 from tests.helpers import load_folder, run_cli, save_safetensors, toy_models
 from weightweaving.cli import build_parser, main
-from weightweaving.config import MergeOptions, WeaveOptions, api_name, option_flag
+from weightweaving.config import DATA_FIELDS, MergeOptions, WeaveOptions, api_name, option_flag
 
 PROGRAMMATIC = {"progress", "extras", "closed_form"}  # API keywords a file cannot hold
 
@@ -37,8 +37,8 @@ def test_api_keywords_are_the_fields():
     merge_keywords = (
         set(inspect.signature(weightweaving.merge).parameters) - PROGRAMMATIC - {"hyperparameters"}
     )
-    fields = {api_name(f) for f in MergeOptions.model_fields} - {"hyperparameters", "weave"}
-    assert merge_keywords == fields
+    fields = {api_name(f) for f in MergeOptions.model_fields} - {"hyperparameters", "weave", *DATA_FIELDS}
+    assert merge_keywords == fields  # the methods that use data read DATA_FIELDS (withdata.command)
     weave_keywords = (
         set(inspect.signature(weightweaving.weave).parameters) - PROGRAMMATIC - {"hyperparameters"}
     )

@@ -315,6 +315,11 @@ def _flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
             value = grid
         elif kind == "yaml":
             value = [_yaml_value(item, flag) for item in value]
+        elif kind == "pairs":  # repeatable NAME=TEXT, the text kept as given (a path)
+            pairs = [_parse_assignment(item, flag) for item in value]
+            value = dict(pairs)
+            if len(value) != len(pairs):
+                raise OptionError(f"{flag}: the same name is given twice")
         values[field] = value
     return values
 

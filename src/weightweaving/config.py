@@ -166,6 +166,31 @@ class MergeOptions(BaseModel):
         description="write a LoRA adapter of this rank (truncated SVD) instead of a full model",
         json_schema_extra=_flag(metavar="RANK"),
     )
+    # the methods that use data (CLIP folders; weightweaving.withdata.command): not merge()'s keywords
+    exemplars: dict[str, str] = Field(
+        default_factory=dict,
+        description="uses data (exemplar_projection): a folder of unlabeled exemplar images per "
+        "fine-tuned model, in --models order (repeatable)",
+        json_schema_extra=_flag(metavar="TASK=DIR", kind="pairs"),
+    )
+    tta_data: dict[str, str] = Field(
+        default_factory=dict,
+        description="uses data (adamerging, cart_adamerging): unlabeled test images per fine-tuned "
+        "model, read as 'evaluate' reads a task (its classes name the zero-shot head), in --models "
+        "order (repeatable)",
+        json_schema_extra=_flag(metavar="TASK=DATA", kind="pairs"),
+    )
+    exemplars_per_task: int | None = Field(
+        None,
+        ge=1,
+        description="uses data: images drawn per task with --seed (default: 5 exemplars, or all when "
+        "fewer; all test-time images)",
+        json_schema_extra=_flag(metavar="N"),
+    )
+
+
+#: MergeOptions fields only the methods that use data read (``withdata.command``)
+DATA_FIELDS = ("exemplars", "tta_data", "exemplars_per_task")
 
 
 # -- what the fields say about themselves --------------------------------------------------------------
@@ -277,6 +302,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data.pop(key, None)
     if isinstance(data.get("out_lora"), dict):  # a LoRA output records its rank with the energy kept
         data["out_lora"] = data["out_lora"].get("rank")
+    for key in DATA_FIELDS:  # TASK -> folder mappings of the methods that use data
+        if isinstance(data.get(key), dict):
+            from .withdata.command import data_paths
+
+            data[key] = data_paths(data[key], base_dir)
     for key in ("base", "out"):  # relative paths in a config are relative to the config file
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str(base_dir / data[key])
@@ -292,8 +322,13 @@ def run_options(options: MergeOptions, *, progress: bool | None = None) -> Path:
     """Run a validated merge or weave and return the output folder."""
     from .api import merge
     from .weaving import weave
+    from .withdata import METHODS_WITH_DATA
 
-    positional = ("base", "models", "method", "lam", "hyperparameters", "weave")
+    if options.method in METHODS_WITH_DATA or any(getattr(options, f) for f in DATA_FIELDS):
+        from .withdata.command import run_with_data
+
+        return run_with_data(options, progress=progress)
+    positional = ("base", "models", "method", "lam", "hyperparameters", "weave", *DATA_FIELDS)
     common = {api_name(f): getattr(options, f) for f in MergeOptions.model_fields if f not in positional}
     if options.weave is None:
         result = merge(

@@ -88,6 +88,24 @@ def test_entropy_training_is_deterministic_and_only_trains_lambda() -> None:
     assert entropy(torch.zeros(2, 4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
 
 
+def test_one_joint_forward_gives_the_per_batch_losses() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    tasks = [{k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    data = [torch.randn(9, 4, generator=gen) for _ in tasks]
+    heads = [nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(3, 4)]
+    offset, directions = task_vector_directions(base, tasks)
+    runs = [
+        learn_coefficients(model, offset, directions, data, heads, steps=6, lr=0.05, batch_size=4, joint=j)
+        for j in (True, False)
+    ]
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-5)
+    for name, values in runs[0].coefficients.items():
+        assert values == pytest.approx(runs[1].coefficients[name], abs=1e-5)
+
+
 def test_cart_plus_plus_at_one_is_cart_and_learns_its_lambda() -> None:
     gen = torch.Generator().manual_seed(2)
     base = {"mlp.weight": torch.randn(6, 5, generator=gen), "mlp.bias": torch.randn(6, generator=gen)}

@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from weightweaving.errors import WeightWeavingError
+from weightweaving.methods import UnitContext, get_method
+from weightweaving.methods.exemplar_projection import STATISTICS
 from weightweaving.suite.model import ViTConfig, build_model, state_dict_of
-from weightweaving.withdata.features import gather_statistics, hookable_parameters
+from weightweaving.withdata.features import (
+    ExemplarStatistics,
+    LayerGrams,
+    _Recorder,
+    gather_statistics,
+    hookable_parameters,
+    task_parameters,
+)
 
 
 class Tiny(nn.Module):
@@ -110,3 +120,65 @@ def test_missing_key_and_empty_task_are_errors() -> None:
         gather_statistics(model, broken, [base], [torch.randn(2, 4)])
     with pytest.raises(WeightWeavingError, match="task 1 has no exemplars"):
         gather_statistics(model, base, [base, base], [torch.randn(2, 4), torch.randn(0, 4)])
+
+
+def one_pass_statistics(
+    model: nn.Module,
+    base: dict[str, torch.Tensor],
+    tasks: list[dict[str, torch.Tensor]],
+    data: list[torch.Tensor],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """The former implementation: one pass per task recording every layer's Grams at once."""
+    model.eval()
+    per_task = []
+    for sd, x in zip(tasks, data, strict=True):
+        params = task_parameters(model, base, sd, scale=1.0, device=torch.device("cpu"), prefix="")
+        recorder = _Recorder(model, "")
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                functional_call(model, params, (x[start : start + batch_size],))
+        recorder.close()
+        per_task.append(recorder.grams)
+    return {k: torch.stack([g[k] for g in per_task]) for k in per_task[0]}
+
+
+def test_one_layer_at_a_time_gives_the_one_pass_grams_and_the_same_merge() -> None:
+    config = ViTConfig(image_size=8, patch_size=4, width=8, layers=2, heads=2, mlp_ratio=2, embed_dim=4)
+    model = build_model(config, seed=0)
+    base = state_dict_of(model)
+    tasks = [perturbed(base, 5), perturbed(base, 6), perturbed(base, 7)]
+    data = [torch.rand(5, 3, 8, 8), torch.rand(3, 3, 8, 8), torch.rand(4, 3, 8, 8)]
+    reference = one_pass_statistics(model, base, tasks, data, batch_size=2)
+    stats = gather_statistics(model, base, tasks, data, batch_size=2)
+    grams = stats.grams
+    assert isinstance(grams, LayerGrams) and grams.held == [] and set(grams) == set(reference)
+    for key in reference:  # bit for bit: the same batches, the same order of accumulation
+        assert torch.equal(grams[key], reference[key])
+        assert grams.held == [key]  # only the layer asked for last is in memory
+    assert grams.gathered == list(reference)
+    # CAT Merging on the lazy statistics is the merge on the one-pass statistics, tensor for tensor
+    method = get_method("exemplar_projection")
+    p = method.parse_params({"c": 2})
+    eager = ExemplarStatistics(
+        grams=reference, norm_squares=stats.norm_squares, biases=stats.biases, exemplars=stats.exemplars
+    )
+    for name in base:
+        tv = torch.stack([sd[name] - base[name] for sd in tasks])
+        lazy_out = method.merge_unit(tv, p, 1.0, UnitContext(name=name, extras={STATISTICS: stats}))
+        eager_out = method.merge_unit(tv, p, 1.0, UnitContext(name=name, extras={STATISTICS: eager}))
+        assert torch.equal(lazy_out, eager_out), name
+
+
+def test_a_layer_pass_stops_after_the_layer() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    base = state_dict_of(model)
+    seen: list[str] = []
+    model.fc2.register_forward_pre_hook(lambda mod, args: seen.append("fc2"))
+    stats = gather_statistics(model, base, [perturbed(base, 1)], [torch.randn(4, 4)], batch_size=2)
+    assert seen == ["fc2", "fc2"]  # the first pass (norm statistics, calls): two batches
+    stats.grams["fc1.weight"]
+    assert seen == ["fc2", "fc2"]  # fc1's pass stops at fc1
+    stats.grams["fc2.weight"]
+    assert seen == ["fc2"] * 4 and stats.grams.held == ["fc2.weight"]

@@ -40,25 +40,34 @@ def with_data_of(results: Results, setup: str) -> list[str]:
 
 
 def with_data_section(results: Results) -> list[str]:
-    """Markdown for the methods that use data (multi-task), against Task Arithmetic at λ = 1."""
-    names = with_data_of(results, "multitask")
-    if not names:
+    """Markdown for the methods that use data, per setup, against Task Arithmetic at λ = 1."""
+    setups = [s for s in ("multitask", "continual", "domain") if with_data_of(results, s)]
+    if not setups:
         return []
-    mt = results["multitask"]
-    ta = mt.get("task_arithmetic", {}).get("data_free", {}).get("average")
-    lines = ["", "## Uses data (multi-task; not data-free)", ""]
+    lines = ["", "## Uses data (not data-free)", ""]
     lines.append(
         "These methods see data the data-free ones do not: CAT Merging a few unlabeled training images per "
-        "task, AdaMerging and CART++ the unlabeled test images (test-time adaptation)."
+        "task, AdaMerging and CART++ the unlabeled test images (multi-task only: test-time adaptation). "
+        "Domain generalisation uses no data of the held-out task (CAT's exemplars come from the merged "
+        "tasks); in continual learning CAT's exemplars are each class group's training images."
     )
-    lines += ["", "| method | variant | average | vs Task Arithmetic λ = 1 |", "|---|---|---|---|"]
-    for m in names:
-        for variant in ("default", "tuned"):
-            if variant in mt[m]:
-                avg = mt[m][variant]["average"]
-                delta = f"{avg - ta:+.1f}" if ta is not None else "n/a"
-                extra = f" (λ = {mt[m][variant]['lam']})" if "lam" in mt[m][variant] else ""
-                lines.append(f"| {m} | {variant}{extra} | {_f(avg)} | {delta} |")
+    lines += [
+        "",
+        "| setup | method | variant | average | vs Task Arithmetic λ = 1 |",
+        "|---|---|---|---|---|",
+    ]
+    for setup in setups:
+        res = results[setup]
+        ta = res.get("task_arithmetic", {}).get("data_free", {}).get("average")
+        for m in with_data_of(results, setup):
+            for variant in ("default", "tuned"):
+                if variant in res[m]:
+                    avg = res[m][variant]["average"]
+                    delta = f"{avg - ta:+.1f}" if ta is not None else "n/a"
+                    extra = f" (λ = {res[m][variant]['lam']})" if "lam" in res[m][variant] else ""
+                    lines.append(f"| {setup} | {m} | {variant}{extra} | {_f(avg)} | {delta} |")
+    names = with_data_of(results, "multitask")
+    mt = results.get("multitask", {})
     curve = mt.get("exemplar_projection", {}).get("exemplars_curve")
     if curve:
         lines += [

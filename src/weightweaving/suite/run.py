@@ -94,9 +94,12 @@ def run_suite(
                 zoo, methods, functools.partial(ray_map, address=ray_address), show
             )
         if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
-            results["multitask"].update(
-                withdata.score_with_data(zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride)
+            setups = [s for s in protocols.SETUPS if s in results]
+            scored = withdata.score_with_data(
+                zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride, setups, workers
             )
+            for setup, entries in scored.items():
+                results[setup].update(entries)
     finished = time.perf_counter()
     meta = {
         "profile": name,

@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,22 @@ from ..errors import WeightWeavingError
 from ..methods.base import seed_for
 from ..methods.cart import REFERENCE_SVD_INCLUDE
 from ..methods.steps import low_rank, name_matches, thin_svd
-from .features import Forward, default_forward
+from .features import Forward, default_forward, persistent_names
 
 log = logging.getLogger("weightweaving")
 
 Head = Callable[[Tensor], Tensor]
+
+
+class Inputs(Protocol):
+    """A task's unlabeled inputs: a tensor (N, ...), or anything sized that a tensor of indices selects
+    a batch from (images read and preprocessed on demand)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Tensor, /) -> Tensor: ...
+
+
 Loss = Callable[[Tensor], Tensor]
 
 
@@ -88,11 +100,28 @@ def cart_directions(
     return offset, directions
 
 
+def _outputs(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    drawn: list[tuple[int, Tensor]],
+    forward: Forward,
+    joint: bool,
+) -> list[tuple[int, Tensor]]:
+    """The model's output for each drawn batch: one forward over all of them, or one per batch."""
+    shapes = {tuple(x.shape[1:]) for _, x in drawn}
+    if joint and len(drawn) > 1 and len(shapes) == 1:
+        out = forward(model, params, torch.cat([x for _, x in drawn]))
+        if isinstance(out, Tensor) and len(out) == sum(len(x) for _, x in drawn):
+            parts = out.split([len(x) for _, x in drawn])
+            return [(t, part) for (t, _), part in zip(drawn, parts, strict=True)]
+    return [(t, forward(model, params, x)) for t, x in drawn]
+
+
 def learn_coefficients(
     model: nn.Module,
     offset: Mapping[str, Tensor],
     directions: Mapping[str, Tensor],
-    data: Sequence[Tensor],
+    data: Sequence[Inputs],
     heads: Sequence[Head],
     *,
     steps: int = 500,
@@ -106,6 +135,7 @@ def learn_coefficients(
     prefix: str = "",
     loss: Loss = entropy,
     forward: Forward = default_forward,
+    joint: bool = True,
     progress: bool | None = None,
 ) -> Learned:
     """Learn ``λ[t, l]`` for ``θ_l = offset_l + Σ_t λ[t, l]·directions_l[t]`` on unlabeled ``data``.
@@ -114,6 +144,9 @@ def learn_coefficients(
         model: the architecture; its state dict keys, after ``prefix``, are the keys of ``offset``.
         data: unlabeled inputs per task, (n_t, ...); ``heads[t]`` maps the model's output to logits.
         loss: what is minimised per batch (default: the mean prediction entropy).
+        joint: run a step's batches (every task's) through the model as one batch when their shapes
+            allow and the output is a tensor; the loss is the same sum of per-batch losses (the model
+            is in eval mode, so no layer mixes the samples), only faster for small models.
     """
     if len(data) != len(heads):
         raise WeightWeavingError(f"{len(data)} test-time data sets for {len(heads)} classifier heads")
@@ -125,7 +158,7 @@ def learn_coefficients(
     dev = torch.device(device)
     num_tasks = len(heads)
     fixed: dict[str, Tensor] = {}
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+    for name in persistent_names(model):
         key = prefix + name
         if key not in offset:
             raise WeightWeavingError(f"the model's '{name}' is not in the checkpoints (looked for '{key}')")
@@ -159,14 +192,17 @@ def learn_coefficients(
                 if key in index:
                     column = lam[:, index[key]]
                     params[name] = fixed[name] + torch.tensordot(column, held[key], dims=1)
-            total = torch.zeros((), device=dev)
-            for t, (inputs, head) in enumerate(zip(data, heads, strict=True)):
+            drawn: list[tuple[int, Tensor]] = []  # (task, batch of inputs)
+            for t, inputs in enumerate(data):
                 order = torch.randperm(len(inputs), generator=generators[t])
                 for b in range(batches_per_task):
                     chosen = order[b * batch_size : (b + 1) * batch_size]
                     if len(chosen) == 0:
                         break
-                    total = total + loss(head(forward(model, params, inputs[chosen].to(dev))))
+                    drawn.append((t, inputs[chosen].to(dev)))
+            total = torch.zeros((), device=dev)
+            for t, outputs in _outputs(model, params, drawn, forward, joint):
+                total = total + loss(heads[t](outputs))
             losses.append(float(total.detach()))
             optimizer.zero_grad()
             total.backward()

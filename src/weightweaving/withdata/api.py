@@ -29,7 +29,7 @@ from ..errors import OptionError, WeightWeavingError
 from ..methods import UnitContext, get_method
 from ..methods.cart import REFERENCE_SVD_INCLUDE
 from ..methods.exemplar_projection import STATISTICS
-from .adamerging import Head, cart_directions, learn_coefficients, task_vector_directions
+from .adamerging import Head, Inputs, cart_directions, learn_coefficients, task_vector_directions
 from .features import Forward, default_forward, gather_statistics, hookable_parameters
 from .images import read_image_folder, tensor_inputs
 
@@ -162,12 +162,49 @@ def merge_with_data(
         -DEFAULT_EXEMPLARS if method == "exemplar_projection" and inputs_per_task is None else inputs_per_task
     )
     inputs, records = load_inputs(data, len(finetuned), limit=limit, seed=seed, shape=input_shape)
+    return merge_loaded(
+        pretrained, finetuned, method, model=module, inputs=inputs, records=records, heads=heads, lam=lam,
+        out=out, overwrite=overwrite, seed=seed, device=device, prefix=prefix, forward=forward,
+        batch_size=batch_size, steps=steps, lr=lr, weave=weave, progress=progress, **hyperparameters,
+    )  # fmt: skip
+
+
+def merge_loaded(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    method: str,
+    *,
+    model: nn.Module,
+    inputs: Sequence[Inputs],
+    records: list[dict[str, Any]],
+    heads: Sequence[Head] | None = None,
+    lam: float | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    prefix: str = "",
+    forward: Forward = default_forward,
+    batch_size: int | None = None,
+    steps: int = 500,
+    lr: float = 1e-3,
+    weave: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **hyperparameters: Any,
+) -> dict[str, Tensor] | Path:
+    """:func:`merge_with_data` once the inputs are read: ``inputs[t]`` (indexable by a tensor of
+    indices) and ``records[t]`` (what was read, for the provenance; ``provenance`` adds keys to it)."""
+    if method not in METHODS_WITH_DATA:
+        raise OptionError(f"unknown method with data '{method}'; valid: {', '.join(METHODS_WITH_DATA)}")
+    module = model
     base = read_state(pretrained, "pretrained")
     tuned = [read_state(src, f"finetuned[{i}]") for i, src in enumerate(finetuned)]
     record: dict[str, Any] = {
         "operation": "merge_with_data",
         "method": method,
         "uses_data": True,
+        **(provenance or {}),
         "data": records,
     }
     engine: dict[str, Any] = {"device": device, "seed": seed, "progress": progress}
@@ -177,11 +214,13 @@ def merge_with_data(
         lam = chosen.default_lam if lam is None else lam
         if lam is None or not math.isfinite(lam):
             raise OptionError(f"--lambda {lam} is not a finite number")
+        if not all(isinstance(x, Tensor) for x in inputs):
+            raise OptionError("method 'exemplar_projection' takes its exemplars as tensors")
         stats = gather_statistics(
             module,
             base,
             tuned,
-            inputs,
+            [x for x in inputs if isinstance(x, Tensor)],
             device=device,
             batch_size=batch_size or 32,
             prefix=prefix,
