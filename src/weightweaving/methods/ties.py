@@ -152,7 +152,8 @@ def window_values(
         if not given.keep_values:
             continue
         torch.le(mags, float(given.high[t]), out=inside)
-        values.append(mags[inside.mul_(above_low).bool()])
+        where = inside.mul_(above_low).bool().nonzero().squeeze(1)  # cheaper than a boolean index
+        values.append(mags.index_select(0, where))
     return n, torch.tensor(below, dtype=torch.int64), values
 
 
