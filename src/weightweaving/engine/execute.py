@@ -138,6 +138,12 @@ class Runner:
             held = store[(id(self), slot)] = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
         return held[:numel].view(shape)
 
+    @property
+    def reuses_buffers(self) -> bool:
+        """Passes reuse per-thread buffers only on this machine's executor (threads that end with
+        the pass); a remote executor's workers would keep them past it."""
+        return isinstance(self.executor, LocalExecutor)
+
     def release_buffers(self) -> None:
         """Free this thread's reused buffers (after a pass)."""
         store: dict[tuple[int, str], Tensor] = _WORKSPACE.__dict__.get("buffers", {})
@@ -243,13 +249,14 @@ class Runner:
         self.passes += fraction is None
         self.pass_log.append(stage.name if fraction is None else f"{stage.name} (sample)")
         work = [Piece(u, None) for u in units] if fraction is not None else self.pieces(units)
+        reuse = self.reuses_buffers
 
         def one(piece: Piece) -> Any:
             ctx = self.context(piece.unit)
             with self.memory_guard(piece.unit):
                 if fraction is not None:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
-                return stage.map(self.load_piece(piece, reuse=True)[1], ctx, given)
+                return stage.map(self.load_piece(piece, reuse=reuse)[1], ctx, given)
 
         map_combined = getattr(self.executor, "map_combined", None)
         if stage.combine is not None and map_combined is not None:
@@ -348,6 +355,7 @@ class Runner:
         else:
             self.pass_log.append("merge")
         partials: list[list[Any]] = [[] for _ in fused]
+        reuse = self.reuses_buffers
 
         def merged_output(piece: Piece, base: Tensor, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
             merged = unit_fn(task_vectors, ctx)
@@ -363,7 +371,7 @@ class Runner:
             with self.memory_guard(unit):
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
-                base, task_vectors = self.load_piece(piece, reuse=True)
+                base, task_vectors = self.load_piece(piece, reuse=reuse)
                 ctx = self.context(unit, base)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
