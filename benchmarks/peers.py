@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -274,6 +275,7 @@ def _tree(pid: int) -> list[int]:
 def measure(cmd: list[str], cwd: Path) -> dict[str, Any]:
     """Run ``cmd``; wall time and the peaks of its process tree's anonymous and file-backed RSS."""
     peaks = {"anon": 0, "file": 0}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -290,11 +292,15 @@ def measure(cmd: list[str], cwd: Path) -> dict[str, Any]:
     sampler.start()
     _, err = proc.communicate()
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )  # CPU time: far less noisy than wall time on a shared machine
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     done.set()
     sampler.join()
     if proc.returncode:
         return {"error": err.strip().splitlines()[-1][:300] if err.strip() else f"exit {proc.returncode}"}
-    return {"seconds": seconds, "anon_bytes": peaks["anon"], "file_bytes": peaks["file"]}
+    return {"seconds": seconds, "cpu_seconds": cpu, "anon_bytes": peaks["anon"], "file_bytes": peaks["file"]}
 
 
 def command(
@@ -344,6 +350,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": statistics.median(secs),
         "min": min(secs),
         "max": max(secs),
+        "cpu_seconds": statistics.median(s.get("cpu_seconds", float("nan")) for s in good),
         "anon_bytes": statistics.median(s["anon_bytes"] for s in good),
         "file_bytes": statistics.median(s["file_bytes"] for s in good),
         "runs": len(good),
@@ -403,7 +410,7 @@ def main() -> None:
                         print(
                             f"  {method:16s} {tool:13s} "
                             + (
-                                f"{s['seconds']:7.1f} s  anon {s['anon_bytes'] / 1e6:6.0f} MB  file {s['file_bytes'] / 1e6:6.0f} MB"
+                                f"{s['seconds']:7.1f} s  cpu {s['cpu_seconds']:7.1f} s  anon {s['anon_bytes'] / 1e6:6.0f} MB  file {s['file_bytes'] / 1e6:6.0f} MB"
                                 if "seconds" in s
                                 else f"failed: {s['error']}"
                             ),
@@ -438,17 +445,20 @@ def report(
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, rounds: {args.rounds} "
         "(alternating order); medians, with min–max; peak RSS of the process tree, sampled every 20 ms.",
         "",
-        "| shapes | models | method | tool | time (s) [min–max] | × floor | × peer | anon MB | file MB | anon × peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shapes | models | method | tool | time (s) [min–max] | × floor | × peer | CPU s (× floor) | anon MB | file MB | anon × peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "seconds" not in r:
             lines.append(
-                f"| {r['shapes']} | {r['models']} | {r['method']} | {r['tool']} | failed: {r['error']} | | | | | |"
+                f"| {r['shapes']} | {r['models']} | {r['method']} | {r['tool']} | failed: {r['error']} | | | | | | |"
             )
             continue
         floor = index.get(((key(r)), "floor"))
         x_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor and "seconds" in floor else ""
+        cpu = f"{r['cpu_seconds']:.1f}"
+        if floor and "seconds" in floor:
+            cpu += f" ({r['cpu_seconds'] / floor['cpu_seconds']:.2f})"
         peers = []
         anon_peer = []
         if r["tool"] == "ours":
@@ -459,7 +469,7 @@ def report(
                     anon_peer.append(f"{peer}: {r['anon_bytes'] / max(other['anon_bytes'], 1):.2f}")
         lines.append(
             f"| {r['shapes']} | {r['models']} | {r['method']} | {r['tool']} | {r['seconds']:.1f} "
-            f"[{r['min']:.1f}–{r['max']:.1f}] | {x_floor} | {'; '.join(peers)} | {r['anon_bytes'] / 1e6:.0f} | "
+            f"[{r['min']:.1f}–{r['max']:.1f}] | {x_floor} | {'; '.join(peers)} | {cpu} | {r['anon_bytes'] / 1e6:.0f} | "
             f"{r['file_bytes'] / 1e6:.0f} | {'; '.join(anon_peer)} |"
         )
     for peer, why in status.items():

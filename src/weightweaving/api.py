@@ -332,6 +332,7 @@ def run_job(
     desc: str = "merging",
     out_lora: int | None = None,
     resource_check: bool = True,
+    row_chunks: bool = False,
     **engine: Any,
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
@@ -355,8 +356,9 @@ def run_job(
             runner = job.runner
             if resource_check:
                 workers = getattr(runner.executor, "workers", 1)
+                chunk = runner.chunk_bytes if row_chunks else None  # the method merges chunks of rows
                 check_resources(
-                    runner.plan, len(job.models), runner.compute_dtype, workers, out, runner.device
+                    runner.plan, len(job.models), runner.compute_dtype, workers, out, runner.device, chunk
                 )
             unit_fn = prepare(runner)
             if clip_rule:
@@ -549,6 +551,7 @@ def merge(
         overwrite=overwrite,
         shard_size=shard_size,
         resource_check=resource_check,
+        row_chunks=chosen.row_chunks(p) and out_lora is None,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,

@@ -77,3 +77,21 @@ def test_include_exclude_and_dtype(tmp_path):
     only = weightweaving.merge(base, tuned, "task_arithmetic", 1.0, include=[r"attn\.in_proj\.weight$"])
     assert torch.equal(only["ln.weight"], base["ln.weight"])
     assert not torch.equal(only["blocks.0.attn.in_proj.weight"], base["blocks.0.attn.in_proj.weight"])
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_read_into_fills_a_buffer_with_the_tensor_or_its_rows_in_the_buffers_dtype(tmp_path, stored):
+    values = torch.randn(6, 3).to(stored)
+    save_safetensors(tmp_path / "m.safetensors", {"w": values})
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    whole = torch.full((6, 3), float("nan"))
+    ckpt.read_into("w", whole)  # float32 file: straight into the buffer; bfloat16: converted
+    assert torch.equal(whole, values.float())
+    rows = torch.full((2, 3), float("nan"), dtype=torch.float64)
+    ckpt.read_into("w", rows, 2, 4)
+    assert torch.equal(rows, values[2:4].double())
+    in_memory = torch.empty(2, 3)
+    from weightweaving.checkpoints.base import StateDictCheckpoint
+
+    StateDictCheckpoint({"w": values}).read_into("w", in_memory, 4, 6)  # the generic path
+    assert torch.equal(in_memory, values[4:6].float())

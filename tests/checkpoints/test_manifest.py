@@ -46,6 +46,21 @@ def test_writes_out_of_order_are_hashed_at_commit(tmp_path):
     assert entry["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
+def test_rows_are_hashed_as_written_in_order_and_at_commit_otherwise(tmp_path):
+    entries = [OutputEntry("a", (4, 2), torch.float32), OutputEntry("b", (2,), torch.float32)]
+    for order in ([0, 2], [2, 0]):  # rows in file order (streamed hash), then rows out of order
+        with SafetensorsWriter(tmp_path / f"o{order[0]}", entries) as writer:
+            for start in order:
+                writer.write_rows("a", start, torch.arange(4.0).reshape(2, 2) + start)
+            streamed = writer._hashes[writer._files["a"][0]][1] is not None
+            writer.write("b", torch.ones(2))
+            out = writer.commit()
+        assert streamed == (order == [0, 2])
+        entry = json.loads((out / MANIFEST).read_text())["files"]["model.safetensors"]
+        assert entry["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        assert verify(out) == []
+
+
 def test_verify_names_each_file_that_differs_is_missing_or_was_added(tmp_path, capsys):
     out = _merged(tmp_path)
     assert main(["verify", str(out)]) == 0

@@ -12,8 +12,10 @@ import struct
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import weightweaving
 from tests.helpers import ROOT
 from weightweaving.engine.plan import Plan, Unit
 from weightweaving.engine.resources import check_resources, peak_bytes
@@ -104,3 +106,30 @@ def test_peak_estimate_counts_workers_and_the_compute_dtype():
     assert peak_bytes(plan, 3, torch.float32, 1) == 1_000_000 * 5 * 4
     assert peak_bytes(plan, 3, torch.float64, 2) == 1_000_000 * 5 * 8 * 2
     check_resources(plan, 3, torch.float32, 1, None, torch.device("cpu"))  # 20 MB: fits any machine
+
+
+def test_peak_estimate_of_a_method_merged_in_chunks_of_rows_is_one_chunk():
+    # 128k × 4096 (an LLM's embedding), 8 models: 20 GiB whole, but merged in chunks of rows
+    plan = Plan([Unit("embed", (128_256, 4096), torch.bfloat16, torch.bfloat16, True)])
+    whole = peak_bytes(plan, 8, torch.float32, 1)
+    assert whole == 128_256 * 4096 * 10 * 4
+    chunk = 64 << 20
+    rows = chunk // (4 * 8 * 4096)  # rows of one chunk (Runner.pieces)
+    assert peak_bytes(plan, 8, torch.float32, 1, chunk) == rows * 4096 * 10 * 4 < whole / 100
+    small = Plan([Unit("b", (10, 10), torch.float32, torch.float32, True)])  # below a chunk: whole
+    assert peak_bytes(small, 8, torch.float32, 1, chunk) == peak_bytes(small, 8, torch.float32, 1)
+
+
+def test_the_resource_check_lets_a_chunked_merge_through_that_would_not_fit_whole(tmp_path, monkeypatch):
+    import weightweaving.engine.resources as resources
+
+    base = {"w": torch.zeros(4096, 64)}
+    models = [{"w": torch.ones(4096, 64)} for _ in range(2)]
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)  # 1 MiB: a chunk fits, not the unit
+    with pytest.raises(resources.ResourceError, match="needs at least"):
+        weightweaving.merge(base, models, "tsv", out=tmp_path / "o1")  # an SVD of the whole tensor
+    from weightweaving.engine import execute
+
+    monkeypatch.setattr(execute, "CHUNK_BYTES", 64 << 10)
+    merged = weightweaving.merge(base, models, "task_arithmetic", lam=0.5, out=tmp_path / "o2")
+    assert merged.exists()

@@ -29,6 +29,11 @@ class TensorInfo:
         return self.numel * _itemsize(self.dtype)
 
 
+def len_or(stop: int | None) -> int:
+    """``stop`` or, when absent, a row index past any tensor's end."""
+    return (1 << 62) if stop is None else stop
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
@@ -60,6 +65,14 @@ class Checkpoint:
     def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of a tensor's first dimension (readers that can, read only those)."""
         return self.get(name)[start:stop]
+
+    def read_into(self, name: str, out: Tensor, start: int | None = None, stop: int | None = None) -> None:
+        """Copy a tensor (or its rows ``start:stop``) into ``out``, converting to ``out``'s dtype.
+
+        ``out`` is the caller's preallocated buffer; readers that can (a safetensors file) read the
+        bytes straight into it when the dtypes agree, with no temporary."""
+        source = self.get(name) if start is None else self.get_row_range(name, start, len_or(stop))
+        out.copy_(source.reshape(out.shape))
 
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<state dict>"
@@ -115,6 +128,9 @@ class RenamedCheckpoint(Checkpoint):
 
     def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
         return self.inner.get_row_range(self.strip + name, start, stop)
+
+    def read_into(self, name: str, out: Tensor, start: int | None = None, stop: int | None = None) -> None:
+        self.inner.read_into(self.strip + name, out, start, stop)
 
     def changed(self) -> set[str] | None:
         inner = self.inner.changed()

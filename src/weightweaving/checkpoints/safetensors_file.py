@@ -185,15 +185,34 @@ class SafetensorsFile(Checkpoint):
             name, (stop - start, *shape[1:]), begin + start * row_bytes, begin + stop * row_bytes
         )
 
+    def read_into(self, name: str, out: Tensor, start: int | None = None, stop: int | None = None) -> None:
+        """Read a tensor (or rows ``start:stop``) into ``out``: straight into its memory, with no
+        temporary, when the stored dtype is ``out``'s and ``out`` is contiguous on the CPU."""
+        dtype, shape, begin, end = self._entries[name]
+        if start is not None and shape:
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + start * row_bytes, begin + max(start, stop) * row_bytes
+        if DTYPES[dtype] != out.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            out.copy_(self._read(name, tuple(out.shape), begin, end))
+            return
+        if out.numel() * out.element_size() != end - begin:
+            raise ValueError(f"{name}: {end - begin} bytes do not fill a buffer of shape {tuple(out.shape)}")
+        self._read_bytes(name, out.reshape(-1).view(torch.uint8), begin, end)
+
     def _read(self, name: str, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
-        dtype = self._entries[name][0]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._read_bytes(name, buf, begin, end)
+        return buf.view(DTYPES[self._entries[name][0]]).reshape(shape)
+
+    def _read_bytes(self, name: str, buf: Tensor, begin: int, end: int) -> None:
+        """Bytes ``begin:end`` of the data section into ``buf`` (a contiguous uint8 tensor)."""
         if self._fd is None:  # changed since planning? checked here and again before the commit
             self._fd, st = open_regular(self._file)
             changed = self._snapshot.changed(st)
             if changed:
                 raise CheckpointError(changed, path=self.path)
         nbytes = end - begin
-        buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = buf.numpy().data
             got = 0
@@ -207,7 +226,6 @@ class SafetensorsFile(Checkpoint):
                         "the file was truncated while reading", path=self.path, parameter=name
                     )
                 got += n
-        return buf.view(DTYPES[dtype]).reshape(shape)
 
     def __getstate__(self) -> dict[str, object]:
         """Pickled (for a Ray worker) as its absolute path and parsed header: no file descriptor.

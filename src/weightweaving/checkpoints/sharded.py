@@ -63,6 +63,9 @@ class ShardedSafetensors(Checkpoint):
     def get_row_range(self, name: str, start: int, stop: int) -> Tensor:
         return self._where[name].get_row_range(name, start, stop)
 
+    def read_into(self, name: str, out: Tensor, start: int | None = None, stop: int | None = None) -> None:
+        self._where[name].read_into(name, out, start, stop)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

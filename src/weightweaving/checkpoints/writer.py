@@ -334,6 +334,13 @@ class SafetensorsWriter:
             raise WeightWeavingError(
                 f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
             ) from None
+        file_name, digest, expected = self._hashes[fd]
+        position = offset + start * row_bytes
+        if digest is not None and position == expected and name not in self._written:
+            digest.update(view)  # rows in file order: hashed as they are written
+            self._hashes[fd] = (file_name, digest, expected + len(view))
+        else:  # written out of order: hash the file at commit instead
+            self._hashes[fd] = (file_name, None, expected)
         self._rows_written[name] = self._rows_written.get(name, 0) + tensor.shape[0]
         if self._rows_written[name] == rows:
             self._written.add(name)

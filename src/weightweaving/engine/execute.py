@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .plan import Plan, Unit
 from .resources import out_of_memory_as_error
 
 R = TypeVar("R")
+_WORKSPACE = threading.local()  # per-thread reused buffers of the runners (Runner._buffer)
 CHUNK_BYTES = 64 << 20  # task-vector bytes (T x rows x row size x 4) above which a unit is chunked
 UnitFn = Callable[[Tensor, UnitContext], Tensor]
 
@@ -35,6 +37,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("--device cuda was asked for, but no CUDA device is available")
     return dev
+
+
+def _all_finite(values: Tensor) -> bool:
+    """True when no value is NaN or ±Inf: one sum (NaN and Inf propagate through it), much cheaper
+    than ``isfinite``; a sum that overflows from finite values is told apart by the caller."""
+    return bool(torch.isfinite(values.sum()))
 
 
 @dataclass(frozen=True)
@@ -84,17 +92,63 @@ class Runner:
         self.task_scales: list[float] | None = None  # Δ_t ← scale_t·Δ_t before any method sees it
 
     # -- reading ------------------------------------------------------------------------------------
-    def load(self, unit: Unit) -> tuple[Tensor, Tensor]:
-        """The base tensor and the task vectors (T, *shape), both in the compute dtype on the device."""
-        base = self.base.get(unit.name).to(self.device, self.compute_dtype)
-        task_vectors = torch.empty(
-            (len(self.models), *unit.shape), dtype=self.compute_dtype, device=self.device
-        )
+    def load(self, unit: Unit, *, reuse: bool = False) -> tuple[Tensor, Tensor]:
+        """The base tensor and the task vectors (T, *shape), both in the compute dtype on the device.
+
+        With ``reuse``, both live in this runner's buffers for the current thread, overwritten by the
+        next ``reuse`` load: for a pass whose per-unit function keeps nothing of them (see
+        :class:`~weightweaving.methods.base.Stage`)."""
+        return self._read(unit, None, reuse)
+
+    def _read(self, unit: Unit, rows: tuple[int, int] | None, reuse: bool) -> tuple[Tensor, Tensor]:
+        """Base and task vectors of a unit or of its rows ``start:stop``: each checkpoint's bytes are
+        read straight into the task-vector buffer (converted to the compute dtype there), then the
+        base is subtracted in place."""
+        start, stop = rows if rows is not None else (None, None)
+        shape = unit.shape if rows is None else (rows[1] - rows[0], *unit.shape[1:])
+        if reuse:
+            base = self._buffer("base", shape)
+            task_vectors = self._buffer("task_vectors", (len(self.models), *shape))
+            self.base.read_into(unit.name, base, start, stop)
+        else:
+            raw = self.base.get(unit.name) if rows is None else self.base.get_row_range(unit.name, *rows)
+            base = raw.to(self.device, self.compute_dtype)
+            task_vectors = torch.empty(
+                (len(self.models), *shape), dtype=self.compute_dtype, device=self.device
+            )
         for i, model in enumerate(self.models):
-            torch.sub(model.get(unit.name).to(self.device, self.compute_dtype), base, out=task_vectors[i])
-        if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
+            model.read_into(unit.name, task_vectors[i], start, stop)
+            task_vectors[i].sub_(base)
+        if not self.allow_nonfinite and not _all_finite(task_vectors):
             self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
         return base, self._scaled(task_vectors)
+
+    def _buffer(self, slot: str, shape: tuple[int, ...]) -> Tensor:
+        """A buffer of ``shape`` in the compute dtype, reused by this thread from call to call (no
+        fresh pages to fault in for every unit); grown to the largest size asked."""
+        store: dict[tuple[int, str], Tensor] = _WORKSPACE.__dict__.setdefault("buffers", {})
+        numel = math.prod(shape)
+        held = store.get((id(self), slot))
+        if (
+            held is None
+            or held.numel() < numel
+            or held.dtype != self.compute_dtype
+            or held.device != self.device
+        ):
+            held = store[(id(self), slot)] = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
+        return held[:numel].view(shape)
+
+    @property
+    def reuses_buffers(self) -> bool:
+        """Passes reuse per-thread buffers only on this machine's executor (threads that end with
+        the pass); a remote executor's workers would keep them past it."""
+        return isinstance(self.executor, LocalExecutor)
+
+    def release_buffers(self) -> None:
+        """Free this thread's reused buffers (after a pass)."""
+        store: dict[tuple[int, str], Tensor] = _WORKSPACE.__dict__.get("buffers", {})
+        for key in [k for k in store if k[0] == id(self)]:
+            del store[key]
 
     def _scaled(self, task_vectors: Tensor) -> Tensor:
         """Apply :attr:`task_scales` (in place) to task vectors (T, ...) of a unit or of its rows."""
@@ -121,12 +175,14 @@ class Runner:
         for i, model in enumerate(self.models):
             rows_i = torch.stack([model.get_row_range(unit.name, r, r + 1)[0] for r in starts])
             torch.sub(rows_i.to(self.device, self.compute_dtype), base, out=out[i])
-        if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
+        if not self.allow_nonfinite and not _all_finite(out):
             self.load(unit)  # names the culprit
         return self._scaled(out)
 
     def _refuse_nonfinite(self, unit: Unit, task_vectors: Tensor) -> None:
         """Name the checkpoint that holds NaN or Inf (looked up only once a unit has failed the check)."""
+        if bool(torch.isfinite(task_vectors).all()):
+            return  # the quick check's sum overflowed: every value is finite
         for ckpt in [self.base, *self.models]:
             tensor = ckpt.get(unit.name)
             if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
@@ -193,13 +249,14 @@ class Runner:
         self.passes += fraction is None
         self.pass_log.append(stage.name if fraction is None else f"{stage.name} (sample)")
         work = [Piece(u, None) for u in units] if fraction is not None else self.pieces(units)
+        reuse = self.reuses_buffers
 
         def one(piece: Piece) -> Any:
             ctx = self.context(piece.unit)
             with self.memory_guard(piece.unit):
                 if fraction is not None:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
-                return stage.map(self.load_piece(piece)[1], ctx, given)
+                return stage.map(self.load_piece(piece, reuse=reuse)[1], ctx, given)
 
         map_combined = getattr(self.executor, "map_combined", None)
         if stage.combine is not None and map_combined is not None:
@@ -208,10 +265,13 @@ class Runner:
             return
 
         nbytes = 4 * (len(self.models) + 1)
-        with self._bar(sum(u.numel for u in units) * nbytes, stage.name) as bar:
-            for piece, partial in zip(work, self.executor.map(one, work), strict=True):
-                yield partial
-                bar.update(piece.unit.numel * nbytes if piece.rows is None else 0)
+        try:
+            with self._bar(sum(u.numel for u in units) * nbytes, stage.name) as bar:
+                for piece, partial in zip(work, self.executor.map(one, work), strict=True):
+                    yield partial
+                    bar.update(piece.unit.numel * nbytes if piece.rows is None else 0)
+        finally:
+            self.release_buffers()
 
     def run_stages(self, stages: Sequence[Stage], deliver: Callable[[Any], None] | None = None) -> Any:
         """Run a method's stages; return the last fold's result (its statistics).
@@ -277,21 +337,11 @@ class Runner:
             out.extend(Piece(unit, (r, min(rows, r + step))) for r in range(0, rows, step))
         return out
 
-    def load_piece(self, piece: Piece) -> tuple[Tensor, Tensor]:
+    def load_piece(self, piece: Piece, *, reuse: bool = False) -> tuple[Tensor, Tensor]:
         """Like :meth:`load`, for one piece: the whole unit or only its rows."""
         if piece.rows is None:
-            return self.load(piece.unit)
-        unit, (start, stop) = piece.unit, piece.rows
-        base = self.base.get_row_range(unit.name, start, stop).to(self.device, self.compute_dtype)
-        task_vectors = torch.empty(
-            (len(self.models), stop - start, *unit.shape[1:]), dtype=self.compute_dtype, device=self.device
-        )
-        for i, model in enumerate(self.models):
-            rows = model.get_row_range(unit.name, start, stop).to(self.device, self.compute_dtype)
-            torch.sub(rows, base, out=task_vectors[i])
-        if not self.allow_nonfinite and not bool(torch.isfinite(task_vectors).all()):
-            self.load(unit)  # names the culprit
-        return base, self._scaled(task_vectors)
+            return self.load(piece.unit, reuse=reuse)
+        return self._read(piece.unit, piece.rows, reuse)
 
     def run_pieces(
         self, unit_fn: UnitFn, desc: str = "merging"
@@ -305,6 +355,7 @@ class Runner:
         else:
             self.pass_log.append("merge")
         partials: list[list[Any]] = [[] for _ in fused]
+        reuse = self.reuses_buffers
 
         def merged_output(piece: Piece, base: Tensor, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
             merged = unit_fn(task_vectors, ctx)
@@ -320,7 +371,7 @@ class Runner:
             with self.memory_guard(unit):
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
-                base, task_vectors = self.load_piece(piece)
+                base, task_vectors = self.load_piece(piece, reuse=reuse)
                 ctx = self.context(unit, base)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
@@ -340,24 +391,27 @@ class Runner:
 
         work = self.pieces(self.plan.units)
         deferred: list[Piece] = []
-        with self._bar(sum(size(w) for w in work), desc) as bar:
-            bar.set_postfix_str(f"{len(self.plan.units)} parameters")
-            for piece, (tensor, found) in zip(work, self.executor.map(one, work), strict=True):
-                if piece.unit.merge:
-                    for store, partial in zip(partials, found, strict=True):
-                        store.append(partial)
-                if tensor is None:
-                    deferred.append(piece)
-                else:
-                    yield piece.unit.name, piece.rows, tensor
-                bar.update(size(piece))
-        for (stage, given, deliver), store in zip(fused, partials, strict=True):
-            deliver(stage.fold(given, iter(store)))
-        for piece in deferred:  # read again: their merge needed what the fused stages found
-            with self.memory_guard(piece.unit):
-                base, task_vectors = self.load_piece(piece)
-                merged = merged_output(piece, base, task_vectors, self.context(piece.unit, base))
-            yield piece.unit.name, piece.rows, merged
+        try:
+            with self._bar(sum(size(w) for w in work), desc) as bar:
+                bar.set_postfix_str(f"{len(self.plan.units)} parameters")
+                for piece, (tensor, found) in zip(work, self.executor.map(one, work), strict=True):
+                    if piece.unit.merge:
+                        for store, partial in zip(partials, found, strict=True):
+                            store.append(partial)
+                    if tensor is None:
+                        deferred.append(piece)
+                    else:
+                        yield piece.unit.name, piece.rows, tensor
+                    bar.update(size(piece))
+            for (stage, given, deliver), store in zip(fused, partials, strict=True):
+                deliver(stage.fold(given, iter(store)))
+            for piece in deferred:  # read again: their merge needed what the fused stages found
+                with self.memory_guard(piece.unit):
+                    base, task_vectors = self.load_piece(piece, reuse=True)
+                    merged = merged_output(piece, base, task_vectors, self.context(piece.unit, base))
+                yield piece.unit.name, piece.rows, merged
+        finally:
+            self.release_buffers()
 
     def run_deltas(
         self, unit_fn: UnitFn, units: Sequence[Unit], desc: str = "merging"

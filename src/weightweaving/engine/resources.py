@@ -2,7 +2,8 @@
 
 Both numbers come from the plan (the headers) before anything is written: the output's bytes against
 the free space of the file system it goes to, and a lower bound of the peak memory (the largest unit's
-base, T task vectors and merged result in the compute dtype, per worker) against the memory this
+base, T task vectors and merged result in the compute dtype, per worker; for a method merged in
+chunks of rows, the largest chunk's) against the memory this
 process may still take (``MemAvailable``, a container's cgroup limit, the address-space limit).
 """
 
@@ -48,13 +49,29 @@ def unit_bytes(unit: Unit, num_models: int, compute_dtype: torch.dtype) -> int:
     return unit.numel * (num_models + 2) * compute_dtype.itemsize
 
 
-def peak_bytes(plan: Plan, num_models: int, compute_dtype: torch.dtype, workers: int) -> int:
-    """A lower bound of the merge's peak memory: ``workers`` of the largest unit at once."""
+def piece_numel(unit: Unit, num_models: int, chunk_bytes: int | None) -> int:
+    """Entries of the largest piece a unit is merged in: the whole unit, or with ``chunk_bytes``
+    (a method merged in chunks of rows) as many rows as the engine puts in one chunk
+    (:meth:`~weightweaving.engine.execute.Runner.pieces`)."""
+    rows = unit.shape[0] if len(unit.shape) >= 2 else 0
+    per_entry = 4 * max(1, num_models)
+    if chunk_bytes is None or rows <= 1 or unit.numel * per_entry <= chunk_bytes:
+        return unit.numel
+    row_numel = unit.numel // rows
+    return min(rows, max(1, chunk_bytes // (per_entry * row_numel))) * row_numel
+
+
+def peak_bytes(
+    plan: Plan, num_models: int, compute_dtype: torch.dtype, workers: int, chunk_bytes: int | None = None
+) -> int:
+    """A lower bound of the merge's peak memory: ``workers`` of the largest unit (or, for a method
+    merged in chunks of rows, of the largest chunk) at once."""
     units = plan.merge_units
     if not units:
         return max((u.numel * u.out_dtype.itemsize for u in plan.units), default=0)
-    largest = max(units, key=lambda u: u.numel)
-    return unit_bytes(largest, num_models, compute_dtype) * max(1, min(workers, len(units)))
+    largest = max(piece_numel(u, num_models, chunk_bytes) for u in units)
+    per_worker = largest * (num_models + 2) * compute_dtype.itemsize
+    return per_worker * max(1, min(workers, len(units)))
 
 
 def available_memory() -> int | None:
@@ -118,6 +135,7 @@ def check_resources(
     workers: int,
     out: str | os.PathLike[str] | None,
     device: torch.device,
+    chunk_bytes: int | None = None,
 ) -> None:
     """Refuse, with the numbers, a merge whose output cannot fit on disk or whose peak cannot fit in memory."""
     if out is not None:
@@ -130,9 +148,9 @@ def check_resources(
             )
     if device.type != "cpu":
         return  # device memory is the device's: its allocator reports running out (see below)
-    need, have = peak_bytes(plan, num_models, compute_dtype, workers), available_memory()
+    need, have = peak_bytes(plan, num_models, compute_dtype, workers, chunk_bytes), available_memory()
     if have is not None and need > have:
-        largest = max(plan.merge_units, key=lambda u: u.numel)
+        largest = max(plan.merge_units, key=lambda u: piece_numel(u, num_models, chunk_bytes))
         raise ResourceError(
             f"the merge needs at least {size(need)} of memory ('{largest.name}' {tuple(largest.shape)} × "
             f"{num_models} models + base and result in {str(compute_dtype).removeprefix('torch.')}, "

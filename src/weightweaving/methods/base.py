@@ -79,7 +79,7 @@ class Stage:
       in the compute dtype (for a ``sample`` stage, a subset of its rows: (T, r, *rest)), ``ctx`` its
       :class:`UnitContext`, ``given`` what the previous stage's fold returned (``None`` for the first).
       It keeps no state between units and does no I/O, and returns something small (counts, a
-      histogram, a few values). ``map`` is a module-level function (or a ``functools.partial`` of
+      histogram, a few values), never a view of ``task_vectors`` (the runner reuses that buffer). ``map`` is a module-level function (or a ``functools.partial`` of
       one) and ``given`` holds only tensors and numbers, so both pickle for a process or Ray worker.
     - ``fold(given, partials) -> result`` runs on the driver. ``partials`` is an iterator over the
       map's results in sorted-unit order; fold consumes it as it comes (a running sum) and returns

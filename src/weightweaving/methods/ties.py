@@ -64,6 +64,7 @@ class TiesStats:
 _SAMPLE = 1 << 20  # magnitudes per task read to place the window
 _SAMPLE_PER_UNIT = 1 << 16  # at most this many of them from one unit (weighted by the unit's size)
 _WINDOW_CAP = 1 << 25  # magnitudes kept from the windows of all tasks (128 MiB in float32)
+_EXACT_FLOAT_COUNT = 1 << 24  # a float32 sum of 0/1 values below this many is an exact count
 _TOP = 16  # bits of the magnitude's key that make a bucket
 _BUCKETS = 1 << _TOP
 
@@ -139,14 +140,21 @@ def window_values(
 ) -> tuple[int, Tensor, list[Tensor]]:
     """Map of stage ``window``: the unit's entries per task, how many magnitudes lie below ``low``,
     and those inside [low, high]. -> (n, (T,) int64, T tensors)."""
-    mags = task_vectors.reshape(task_vectors.shape[0], -1).abs()
-    low, high = given.low.to(mags)[:, None], given.high.to(mags)[:, None]
-    above_low = mags >= low
-    below = mags.shape[1] - above_low.sum(1)
-    if not given.keep_values:
-        return mags.shape[1], below, []
-    inside = above_low & (mags <= high)
-    return mags.shape[1], below, [row[keep] for row, keep in zip(mags, inside, strict=True)]
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    n = flat.shape[1]
+    mags, above_low, inside = (torch.empty_like(flat[0]) for _ in range(3))
+    below, values = [], []
+    for t in range(flat.shape[0]):  # task by task, float-only kernels on (n) buffers
+        torch.abs(flat[t], out=mags)
+        torch.ge(mags, float(given.low[t]), out=above_low)  # 1.0 where |x| ≥ low (never for NaN)
+        kept = int(above_low.sum()) if n < _EXACT_FLOAT_COUNT else int(torch.count_nonzero(above_low))
+        below.append(n - kept)
+        if not given.keep_values:
+            continue
+        torch.le(mags, float(given.high[t]), out=inside)
+        where = inside.mul_(above_low).bool().nonzero().squeeze(1)  # cheaper than a boolean index
+        values.append(mags.index_select(0, where))
+    return n, torch.tensor(below, dtype=torch.int64), values
 
 
 def exact_from_window(given: TiesWindow, partials: Iterator[tuple[int, Tensor, list[Tensor]]]) -> TiesSearch:
@@ -301,6 +309,54 @@ def disjoint_mean(trimmed: Tensor, signs: Tensor) -> Tensor:
     return selected.sum(0) / agree.sum(0).clamp(min=1).to(trimmed.dtype)
 
 
+def global_merge(flat: Tensor, thresholds: Tensor, majority_sign: float | None, ctx: UnitContext) -> Tensor:
+    """Steps 1–3 given the global thresholds: the same values, bit for bit, as ``trim``,
+    ``elect_from_sum`` and ``disjoint_mean``, computed task by task on (n)-sized buffers with
+    float-only kernels (no (T, n) temporaries, no boolean masks). (T, n) -> (n).
+
+    With ``majority_sign`` None (the fused sign stage still running) the sums are left in
+    ``ctx.scratch`` for it, and a unit where some entry's trimmed values cancel to exactly 0 is
+    :class:`Deferred`."""
+    num_tasks, n = flat.shape
+    trimmed = torch.empty_like(flat)
+    summed = torch.zeros(n, dtype=flat.dtype, device=flat.device)
+    for t in range(num_tasks):
+        trim_into(flat[t], float(thresholds.reshape(-1)[t if thresholds.numel() > 1 else 0]), trimmed[t])
+        summed.add_(trimmed[t])  # the same order of additions as trimmed.sum(0)
+    if majority_sign is None:  # the fused sign stage reuses the sums
+        ctx.scratch[("ties-sum", id(thresholds))] = summed
+        majority_sign = 1.0
+        zero = (summed == 0).nonzero().squeeze(1)
+        if zero.numel() and bool((trimmed[:, zero] != 0).any()):
+            raise Deferred  # an entry whose trimmed values cancel takes the majority sign
+    # the unit sign of the elected sign: +1 where s > 0 (s = 0 takes the majority), −1 elsewhere
+    unit = torch.sign(summed)
+    unit.add_(0.5 if majority_sign > 0 else -0.5).sign_()
+    unit.nan_to_num_(nan=-1.0)  # a NaN sum (--allow-nonfinite) counts as s ≤ 0, as in disjoint_mean
+    selected = torch.zeros_like(summed)
+    count = torch.zeros_like(summed)
+    agree = torch.empty_like(summed)
+    for t in range(num_tasks):
+        torch.mul(trimmed[t], unit, out=agree)
+        torch.gt(agree, 0, out=agree)  # 1.0 where the trimmed value agrees with the elected sign
+        count.add_(agree)
+        selected.addcmul_(trimmed[t], agree)  # + trimmed·1 or ±0: as (trimmed * agree).sum(0)
+    return selected.div_(count.clamp_(min=1))
+
+
+def trim_into(row: Tensor, threshold: float, out: Tensor) -> None:
+    """Step 1 on one task's (n) values into ``out``: x where |x| ≥ τ, else 0 (as ``trim``; the
+    sign of a trimmed zero never reaches the merged values)."""
+    tau = torch.tensor(threshold, dtype=row.dtype)  # τ in the compute dtype, as ``trim`` compares
+    if math.isnan(threshold):
+        torch.mul(row, 0, out=out)  # |x| ≥ NaN never holds
+    elif not threshold > 0:  # τ = 0 (nothing trimmed) keeps every value, as |x| ≥ 0 does
+        out.copy_(row)
+    else:  # hardshrink keeps |x| > λ: with λ the float just below τ, that is |x| ≥ τ
+        below = float(tau.nextafter(torch.tensor(-math.inf, dtype=row.dtype)))
+        torch.hardshrink(row, below, out=out)
+
+
 @register("ties")
 class Ties(Method):
     """TIES-Merging: M = λ · disjoint_mean(elect(trim_k(Δ))) (Yadav et al., NeurIPS 2023, Alg. 1)."""
@@ -353,19 +409,12 @@ class Ties(Method):
         flat = task_vectors.reshape(task_vectors.shape[0], -1)  # (T, n)
         if p.scope == "global" and isinstance(ctx.stats, TiesStats):
             thresholds, majority_sign = ctx.stats.thresholds, ctx.stats.majority_sign
-            trimmed = trim(flat, thresholds)  # (T, n)
-            summed = trimmed.sum(0)  # (n)
-            if majority_sign is None:  # the fused sign stage is still running: it reuses the sums
-                ctx.scratch[("ties-sum", id(thresholds))] = summed
-                majority_sign = 1.0
-                zero = (summed == 0).nonzero().squeeze(1)
-                if zero.numel() and bool((trimmed[:, zero] != 0).any()):
-                    raise Deferred  # an entry whose trimmed values cancel takes the majority sign
-        else:  # scope="tensor": the same steps over this tensor alone
-            thresholds, majority_sign = self._tensor_thresholds(flat, p.keep_fraction), None
-            trimmed = trim(flat, thresholds)  # (T, n)
-            summed = trimmed.sum(0)
-        merged = disjoint_mean(trimmed, elect_from_sum(summed, majority_sign))  # (n)
+            merged = global_merge(flat, thresholds, majority_sign, ctx)
+            return LamForm(offset=None, slope=merged.reshape(task_vectors.shape[1:]))
+        # scope="tensor": the same steps over this tensor alone
+        thresholds = self._tensor_thresholds(flat, p.keep_fraction)
+        trimmed = trim(flat, thresholds)  # (T, n)
+        merged = disjoint_mean(trimmed, elect_from_sum(trimmed.sum(0), None))  # (n)
         return LamForm(offset=None, slope=merged.reshape(task_vectors.shape[1:]))
 
     @staticmethod

@@ -56,6 +56,13 @@ class Weaver:
     def num_merged(self) -> int:
         return sum(len(g.lams) for g in self.groups)
 
+    @property
+    def row_chunks(self) -> bool:
+        """True when every member and the pool work row by row: units are merged in chunks of rows."""
+        return all(self.method.row_chunks(p) for p in self.params) and isinstance(
+            self.pool, (MeanPool, MagMaxPool)
+        )
+
     def prepare(self, runner: Any) -> None:
         """First passes: each group's global statistics, then (for a global pool method) the pool's."""
         member_stats = isinstance(self.pool, MethodPool) and (
@@ -63,9 +70,7 @@ class Weaver:
         )
         # a fused stage (TIES's sign) runs with the weave pass, unless the pool's own first passes
         # need every member, and so every statistic, before it
-        runner.row_chunks = all(self.method.row_chunks(p) for p in self.params) and isinstance(
-            self.pool, (MeanPool, MagMaxPool)
-        )
+        runner.row_chunks = self.row_chunks
         self.stats = [None] * len(self.params)
         for i, p in enumerate(self.params):
             deliver = None if member_stats else functools.partial(self.stats.__setitem__, i)
@@ -225,6 +230,7 @@ def weave(
         shard_size=shard_size,
         desc="weaving",
         resource_check=resource_check,
+        row_chunks=weaver.row_chunks and out_lora is None,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,
