@@ -38,6 +38,10 @@ RECOMMENDED: str = "trimmed_mean"
 RECOMMENDED_BASIS: str = (
     "chosen on seed 0 of the full profile only: 11/12 cells at or above the mean pool, 21% of the gap closed"
 )
+# The head rows a class-incremental fine-tune trains against: "group" its own classes only (MagMax's
+# code), "seen" every class met so far, "all" the benchmark's whole frozen head (its rows are fixed
+# before any fine-tuning, like CLIP's zero-shot head of the whole dataset; no data of other classes).
+CL_HEADS: tuple[str, ...] = ("group", "seen", "all")
 # The seeds whose results were looked at while choosing the recipes; any other seed is unseen.
 # Fine-tuning lr was chosen on seed 0; the shipped encoder (36 or 72 epochs) on seeds 0-2.
 TUNED_ON_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -106,9 +110,19 @@ class Recipe:
     ft_lr: float = 1e-4
     ft_batch: int = 64
     ft_weight_decay: float = 0.0
-    # continual learning: class-incremental splits of fashion+digits (20 classes)
+    # continual learning: class-incremental benchmarks (each the union of some domains' classes), each
+    # cut into every split of ``cl_splits``, fine-tuned in sequence (and one by one from θ_pre where
+    # ``cl_individual``: those only feed the task-aware 'individual' baseline and the diagnostics)
+    cl_benchmarks: tuple[str, ...] = ("fashion+digits",)  # names in data.CL_BENCHMARKS
     cl_splits: tuple[int, ...] = (5, 10)
-    cl_steps: int = 60
+    # fine-tuning steps of a whole sequence, shared equally by its tasks (each task's data shrinks
+    # as the split grows: the same passes over it, as the paper's fixed epochs per task)
+    cl_sequence_steps: int = 300
+    cl_lr: float | None = None  # None: ft_lr
+    cl_batch: int | None = None  # None: ft_batch
+    # the head rows a class-incremental fine-tune trains against (see CL_HEADS)
+    cl_head: str = "group"
+    cl_individual: bool = True
     # evaluation
     methods: tuple[str, ...] = METHODS
     pool_setups: tuple[str, ...] = ("multitask", "continual", "domain")  # where Table 3's pools run
@@ -143,7 +157,7 @@ PROFILES: dict[str, Recipe] = {
         tasks=("fashion", "digits", "shapes", "stripe_angle", "dot_count", "blob_position"),
         ft_steps=50,
         cl_splits=(5,),
-        cl_steps=30,
+        cl_sequence_steps=150,
         grid_stride=2,
         pool_setups=("multitask",),
         with_data_steps=50,  # a shortened schedule: a tenth of the steps at ten times the lr
@@ -160,7 +174,7 @@ PROFILES: dict[str, Recipe] = {
         ft_steps=3,
         ft_batch=16,
         cl_splits=(5,),
-        cl_steps=2,
+        cl_sequence_steps=10,
         methods=("task_arithmetic", "ties", "svc"),
         strategies=("calibrated",),
         grid_stride=5,
