@@ -67,3 +67,30 @@ def test_fine_tune_head_rows_and_group_accuracies() -> None:
         train.fine_tune(cfg, start, split, head, classes=[0, 1], head_classes=[0, 2], **kwargs)
     per_group = train.group_accuracies(cfg, start, split, head, [[0, 1], [2, 3]])
     assert sum(per_group) / 2 == pytest.approx(train.accuracy(cfg, start, split, head))
+
+
+def test_coarse_to_fine_finds_the_grid_optimum_with_fewer_points() -> None:
+    from weightweaving.suite.protocols import Problem, score_problems
+
+    pre = {"w": torch.zeros(3)}
+    tuned = [{"w": torch.ones(3)}]
+    calls: list[float] = []
+
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        w = float(state["w"][0])
+        calls.append(w)
+        return {"task": 100 - 50 * (w - 0.6) ** 2}
+
+    def run(search: bool) -> dict[str, object]:
+        calls.clear()
+        problem = Problem(tuned, evaluate)
+        return score_problems(
+            pre, [problem], 0, "multitask", "task_arithmetic", ["mean"], 1, coarse_to_fine=search
+        )
+
+    full = run(False)
+    n_full = len(calls)
+    quick = run(True)
+    assert full["tuned"]["lam"] == quick["tuned"]["lam"] == 0.6  # type: ignore[index]
+    assert quick["sweep"]["lambdas"] == [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # type: ignore[index]
+    assert len(calls) < n_full

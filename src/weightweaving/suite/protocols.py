@@ -117,8 +117,17 @@ def score_method(
     zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, clock: Stopwatch | None = None
 ) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
+    search = zoo.recipe.lam_search == "coarse_to_fine" and stride == 1
     return score_problems(
-        zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride, clock=clock
+        zoo.pretrained,
+        problems(zoo, setup),
+        zoo.seed,
+        setup,
+        method,
+        pools,
+        stride,
+        clock=clock,
+        coarse_to_fine=search,
     )
 
 
@@ -132,6 +141,7 @@ def score_problems(
     stride: int,
     points: Points | None = None,
     clock: Stopwatch | None = None,
+    coarse_to_fine: bool = False,
 ) -> dict[str, object]:
     """The model-agnostic part of :func:`score_method`: any encoder family's problems, scored alike.
 
@@ -139,24 +149,45 @@ def score_problems(
     checkpoint paths (read lazily by the merge). ``points(key, compute)`` may answer a point from a
     store of earlier results (a resumed run); a problem's merges are made only when a point needs them.
     ``clock`` sums the seconds of the merges, the sweep's evaluations, the weave and each pool's evaluation.
+    ``coarse_to_fine``: evaluate every other point of the grid (and both ends, and λ = 1), then the grid
+    neighbours of the best: the tuned λ is the full grid's wherever the average has no peak narrower
+    than two grid steps (the sweep then lists the points evaluated).
     """
     clock = clock or Stopwatch()
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
-    sweep: dict[float, Scores] = {lam: {} for lam in grid}
+    sweep: dict[float, Scores]
     pools = tuple(dict.fromkeys((*pools, RECOMMENDED)))
     woven: dict[str, Scores] = {pool: {} for pool in pools}
     point = points or (lambda key, compute: compute())
-    for index, problem in enumerate(found):
-        family = _LazyFamily(pretrained, problem, method, seed, clock)
-        for lam in grid:
-            key = f"{setup}/{method}/{index}/lam={lam}"
-            sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
+    families = [_LazyFamily(pretrained, problem, method, seed, clock) for problem in found]
+    full = list(grid)
+    if coarse_to_fine:
+        grid = sorted({*full[::2], full[-1], *([1.0] if 1.0 in full else [])})
+    sweep = {lam: {} for lam in grid}
+
+    def evaluate(lams: list[float]) -> None:
+        for index, family in enumerate(families):
+            for lam in lams:
+                key = f"{setup}/{method}/{index}/lam={lam}"
+                sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
+
+    def best_of() -> float:
+        averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
+        return max(averages, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+
+    evaluate(grid)
+    if coarse_to_fine:
+        at = full.index(best_of())
+        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in sweep]
+        sweep.update({lam: {} for lam in near})
+        evaluate(near)
+        grid = sorted(sweep)
+    for index, family in enumerate(families):
         for pool in pools:
             key = f"{setup}/{method}/{index}/weave={pool}"
             woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pools, pool)))
-    averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
-    best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+    best = best_of()
     tuned = entry(sweep[best])
     tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
     names = list(sweep[grid[0]])

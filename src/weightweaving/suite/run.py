@@ -165,7 +165,8 @@ def _score(
                 value = protocols.continual_diagnostics(zoo, zoo.continual[what], CL_SURVIVAL_LAMS)
             else:
                 setup, method = what
-                pools = (*(POOLS if setup in recipe.pool_setups else ("mean",)), *recipe.strategies)
+                strategies = recipe.strategies if method in recipe.strategy_methods else ()
+                pools = (*(POOLS if setup in recipe.pool_setups else ("mean",)), *strategies)
                 value = protocols.score_method(zoo, setup, method, pools, recipe.grid_stride, clock)
         log.info("%s %s: %.1f s (%.1f CPU s)", kind, what or "", clock.wall["total"], clock.cpu["total"])
         return value, clock.snapshot()
