@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -136,6 +136,9 @@ def weave_pools(
     from weightweaving.weaving.pools import MethodPool, make_pool
 
     models = list(finetuned)
+    if not isinstance(pretrained, Mapping) or not all(isinstance(m, Mapping) for m in models):
+        # checkpoint paths (``reproduce``): the library reads them lazily, one weave per pool
+        return {p: weave(pretrained, models, method, lambdas, p, seed) for p in pools}
     name, _ = resolve(method)
     kind = weightweaving.get_method(name).lam_kind
     made = {pool: make_pool(pool) for pool in pools}
