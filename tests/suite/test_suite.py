@@ -202,7 +202,7 @@ def test_micro_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     def same_results(run: Path) -> bool:
         payload = json.loads((run / "results.json").read_text())
-        return payload == {**results, "meta": payload["meta"]}
+        return payload == {**results, "timings": payload["timings"], "meta": payload["meta"]}
 
     # a second run, in one process, finds every checkpoint in the cache and scores the same
     again = _micro(tmp_path, "runs", "cache", workers=1)

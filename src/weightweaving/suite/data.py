@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,22 +305,85 @@ def build_tasks(
     return tasks, pretrain
 
 
-def continual_dataset(tasks: list[Task]) -> Task:
-    """Fashion-MNIST and digits as one 20-class dataset (classes 0-9 fashion, 10-19 digits)."""
+@dataclass(frozen=True)
+class Benchmark:
+    """A class-incremental benchmark: the union of some domains' classes, optionally over clutter."""
+
+    domains: tuple[str, ...]
+    clutter: float = 0.0  # contrast of the background clutter (0: none; see ``cluttered``)
+
+
+# The suite's class-incremental benchmarks by name (``Recipe.cl_benchmarks``).
+CL_BENCHMARKS: dict[str, Benchmark] = {
+    "fashion+digits": Benchmark(("fashion", "digits")),
+    "fashion+digits/clutter": Benchmark(("fashion", "digits"), clutter=0.5),
+}
+
+
+def cluttered(task: Task, seed: int, contrast: float = 1.0) -> Task:
+    """The task's objects drawn over clutter: each image's background (where the domain's grey image
+    is 0) becomes a random two-colour grating (angle, frequency, phase and colours drawn per image,
+    seeded). The encoder was pre-trained on the plain domains only: a weaker zero-shot start, with a
+    skill every class shares (seeing past the clutter) for fine-tuning to learn, as CLIP fine-tuned
+    on a dataset learns its imaging conditions. ``contrast`` blends the clutter over the domain's
+    background colour (1: clutter only)."""
+    fg, bg = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1) for c in PALETTES[task.name])
+    channel = int(torch.argmax((fg - bg).abs().flatten()))
+    yy, xx = torch.meshgrid(
+        torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32), indexing="ij"
+    )
+
+    def draw(split: Split, part: str) -> Split:
+        x = split.images
+        grey = (
+            (x[:, channel : channel + 1] - bg[:, channel : channel + 1]) / (fg - bg)[:, channel : channel + 1]
+        ).clamp(0, 1)
+        gen = torch.Generator().manual_seed(int(_rng(seed, task.name, "clutter", part).integers(2**62)))
+        n = len(x)
+        angle = torch.rand(n, 1, 1, generator=gen) * math.pi
+        freq = 2 + 4 * torch.rand(n, 1, 1, generator=gen)
+        phase = torch.rand(n, 1, 1, generator=gen) * 2 * math.pi
+        wave = 0.5 + 0.5 * torch.sin(
+            2 * math.pi * freq * (torch.cos(angle) * xx + torch.sin(angle) * yy) / SIZE + phase
+        )
+        one, two = torch.rand(n, 3, 1, 1, generator=gen), torch.rand(n, 3, 1, 1, generator=gen)
+        texture = one * wave[:, None] + two * (1 - wave[:, None])
+        background = (1 - contrast) * bg + contrast * texture
+        return Split(grey * fg + (1 - grey) * background, split.labels)
+
+    return Task(task.name, task.classes, draw(task.train, "train"), draw(task.test, "test"))
+
+
+def continual_dataset(
+    tasks: list[Task], names: Sequence[str] = ("fashion", "digits"), clutter: float = 0.0, seed: int = 0
+) -> Task:
+    """The named domains' classes as one class-incremental dataset (classes numbered domain by domain;
+    the default, fashion+digits, has 20: 0-9 fashion, 10-19 digits); ``clutter`` > 0: over clutter of
+    that contrast (:func:`cluttered`, seeded), named ``<names>/clutter``."""
     by_name = {t.name: t for t in tasks}
-    fashion, digits = by_name["fashion"], by_name["digits"]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise WeightWeavingError(f"continual benchmark needs tasks not in the profile: {', '.join(missing)}")
+    parts = [cluttered(by_name[n], seed, clutter) if clutter else by_name[n] for n in names]
+    offsets = [sum(p.n_classes for p in parts[:i]) for i in range(len(parts))]
 
-    def join(a: Split, b: Split) -> Split:
-        return Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels + 10]))
+    def join(splits: list[Split]) -> Split:
+        return Split(
+            torch.cat([s.images for s in splits]),
+            torch.cat([s.labels + o for s, o in zip(splits, offsets, strict=True)]),
+        )
 
-    classes = [f"fashion:{c}" for c in fashion.classes] + [f"digit:{c}" for c in digits.classes]
-    return Task("fashion+digits", classes, join(fashion.train, digits.train), join(fashion.test, digits.test))
+    prefix = {"digits": "digit"}
+    classes = [f"{prefix.get(p.name, p.name)}:{c}" for p in parts for c in p.classes]
+    name = "+".join(names) + ("/clutter" if clutter else "")
+    return Task(name, classes, join([p.train for p in parts]), join([p.test for p in parts]))
 
 
 def class_incremental_splits(n_classes: int, n_tasks: int, seed: int) -> list[list[int]]:
-    """A seeded class order cut into ``n_tasks`` class-disjoint groups of equal size."""
-    if n_classes % n_tasks:
-        raise WeightWeavingError(f"{n_classes} classes cannot be split into {n_tasks} equal tasks")
+    """A seeded class order cut into ``n_tasks`` class-disjoint groups of equal size (sizes differ by
+    at most one class where ``n_tasks`` does not divide ``n_classes``, as for the paper's Cars)."""
+    if not 1 <= n_tasks <= n_classes:
+        raise WeightWeavingError(f"{n_classes} classes cannot be split into {n_tasks} tasks")
     order = _rng(seed, f"classes{n_tasks}").permutation(n_classes).tolist()
-    size = n_classes // n_tasks
-    return [sorted(order[i * size : (i + 1) * size]) for i in range(n_tasks)]
+    bounds = [round(i * n_classes / n_tasks) for i in range(n_tasks + 1)]
+    return [sorted(order[bounds[i] : bounds[i + 1]]) for i in range(n_tasks)]

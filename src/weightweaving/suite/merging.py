@@ -6,8 +6,9 @@ one per grid point: ``M(λ) = λ·g`` (or ``a + λ·b``) is read off the merge a
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -111,6 +112,62 @@ def weave(
     log.info("weightweaving.weave is not available yet: using the suite's closed form for %s", method)
     family = family or merge_family(pretrained, models, method, seed)
     return _closed_form_weave(pretrained, models, family, list(lambdas), pool, seed)
+
+
+def weave_pools(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    method: str,
+    lambdas: Sequence[float],
+    pools: Sequence[str],
+    seed: int,
+    family: Callable[[float], StateDict] | None = None,
+) -> dict[str, StateDict]:
+    """Weight Weaving with every pool in ``pools`` at once: ``{pool: woven state dict}``.
+
+    ``weightweaving.weave`` computes the method's merge again for each call; for a method linear
+    or affine in λ the members ``A* = Δ ∪ {a + λ_i·b}`` are the same for every pool, so here ``a``
+    and ``b`` are read once off ``family`` (two merges at most) and folded into each pool through the
+    library's own pool objects, member by member in ``weightweaving.weave``'s order (task vectors
+    first). A ``NONLINEAR`` method (SVC) and a pool that is a merge method take ``weightweaving.weave``.
+    Equal to calling ``weave`` once per pool (tests/suite/test_suite.py).
+    """
+    from weightweaving.methods import LamForm, UnitContext
+    from weightweaving.weaving.pools import MethodPool, make_pool
+
+    models = list(finetuned)
+    if not isinstance(pretrained, Mapping) or not all(isinstance(m, Mapping) for m in models):
+        # checkpoint paths (``reproduce``): the library reads them lazily, one weave per pool
+        return {p: weave(pretrained, models, method, lambdas, p, seed) for p in pools}
+    name, _ = resolve(method)
+    kind = weightweaving.get_method(name).lam_kind
+    made = {pool: make_pool(pool) for pool in pools}
+    direct = [p for p in pools if kind is LamKind.NONLINEAR or isinstance(made[p], MethodPool)]
+    out = {p: weave(pretrained, models, method, lambdas, p, seed) for p in direct}
+    folded = [p for p in pools if p not in out]
+    if not folded:
+        return out
+    family = family or merge_family(pretrained, models, method, seed)
+    lams = [float(lam) for lam in lambdas]
+    at_zero, at_one = family(0.0), family(1.0)
+    results: dict[str, StateDict] = {p: {} for p in folded}
+    for key, base in pretrained.items():
+        vectors = [m[key].float() - base.float() for m in models]
+        offset = at_zero[key].float() - base.float()
+        slope = at_one[key].float() - at_zero[key].float()
+        form = LamForm(offset=None if kind is LamKind.LINEAR else offset, slope=slope)
+        if kind is LamKind.NONE:  # no λ: the same member at every point
+            form = LamForm(offset=at_one[key].float() - base.float(), slope=None)
+        ctx = UnitContext(name=key, seed=seed, shape=tuple(base.shape))
+        for p in folded:
+            pool = copy.copy(made[p])
+            pool.begin(len(vectors) + len(lams), vectors[0], ctx)
+            for index, vector in enumerate(vectors):
+                pool.add(LamForm(offset=vector, slope=None), (None,), index)
+            pool.add(form, lams, len(vectors))
+            results[p][key] = (base.float() + pool.result()).to(base.dtype)
+    out.update(results)
+    return {p: out[p] for p in pools}
 
 
 def _closed_form_weave(

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from . import train
 from .data import Split
-from .merging import merge_family, paper_grid, weave
+from .merging import merge_family, paper_grid, weave_pools
 from .profiles import RECOMMENDED
-from .zoo import StateDict, Zoo
+from .timing import Stopwatch
+from .zoo import ContinualRun, StateDict, Zoo
 
 Scores = dict[str, float]
 #: ``points(key, compute)``: the scores of one point, from a store of earlier results or by ``compute()``
@@ -60,9 +61,8 @@ def problems(zoo: Zoo, setup: str) -> list[Problem]:
             )
             for t in tasks
         ]
-    head, test = zoo.heads["continual"], zoo.continual_task.test
     return [
-        Problem(run.sequential, _scorer(zoo, [(f"split{run.n_tasks}", test, head)])) for run in zoo.continual
+        Problem(run.sequential, _scorer(zoo, [(run.key, run.task.test, run.head)])) for run in zoo.continual
     ]
 
 
@@ -78,15 +78,17 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
         if setup == "domain":
             out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
         return out
-    test, head = zoo.continual_task.test, zoo.heads["continual"]
-    zero_acc = train.accuracy(cfg, zoo.pretrained, test, head)
     zero, own, seq = {}, {}, {}
+    zero_of: dict[str, float] = {}
     for run in zoo.continual:
-        key = f"split{run.n_tasks}"
-        zero[key] = zero_acc
-        own[key] = _routed_accuracy(zoo, run.individual, run.class_groups)
-        seq[key] = train.accuracy(cfg, run.sequential[-1], test, head)
-    individual = entry(own)
+        test, head = run.task.test, run.head
+        if run.benchmark not in zero_of:
+            zero_of[run.benchmark] = train.accuracy(cfg, zoo.pretrained, test, head)
+        zero[run.key] = zero_of[run.benchmark]
+        if run.individual is not None:
+            own[run.key] = _routed_accuracy(zoo, run, run.individual)
+        seq[run.key] = train.accuracy(cfg, run.sequential[-1], test, head)
+    individual = entry(own) if own else {"per_task": {}, "average": float("nan")}
     individual["note"] = (
         "task-aware: each task's individual model on its own classes' test images and head rows"
     )
@@ -95,10 +97,10 @@ def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
     return {"zero_shot": entry(zero), "individual": individual, "sequential_finetuning": sequential}
 
 
-def _routed_accuracy(zoo: Zoo, models: list[StateDict], groups: list[list[int]]) -> float:
-    test, head = zoo.continual_task.test, zoo.heads["continual"]
+def _routed_accuracy(zoo: Zoo, run: ContinualRun, models: list[StateDict]) -> float:
+    test, head = run.task.test, run.head
     correct = 0.0
-    for state, group in zip(models, groups, strict=True):
+    for state, group in zip(models, run.class_groups, strict=True):
         index = torch.nonzero(torch.isin(test.labels, torch.tensor(group))).flatten()
         remap = torch.full((head.shape[0],), -1, dtype=torch.long)
         remap[torch.tensor(group)] = torch.arange(len(group))
@@ -112,16 +114,33 @@ def entry(per_task: Scores) -> dict[str, object]:
 
 
 def score_method(
-    zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int, points: Points | None = None
+    zoo: Zoo,
+    setup: str,
+    method: str,
+    pools: tuple[str, ...],
+    stride: int,
+    clock: Stopwatch | None = None,
+    points: Points | None = None,
 ) -> dict[str, object]:
     """λ sweep, tuned λ (best average on the evaluation data), λ = 1, and weaving with each pool."""
+    search = zoo.recipe.lam_search == "coarse_to_fine" and stride == 1
     return score_problems(
-        zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride, points
+        zoo.pretrained,
+        problems(zoo, setup),
+        zoo.seed,
+        setup,
+        method,
+        pools,
+        stride,
+        points,
+        clock=clock,
+        coarse_to_fine=search,
     )
 
 
 def method_points(zoo: Zoo, setup: str, method: str, pools: tuple[str, ...], stride: int) -> list[SweepPoint]:
-    """The points of :func:`score_method`, in its order: each one merge and one evaluation."""
+    """Every point :func:`score_method` may score (the whole grid even where it searches coarse to
+    fine, which then takes the points it needs): each one merge and one evaluation."""
     return sweep_points(zoo.pretrained, problems(zoo, setup), zoo.seed, setup, method, pools, stride)
 
 
@@ -145,19 +164,20 @@ def sweep_points(
     pools: Sequence[str],
     stride: int,
 ) -> list[SweepPoint]:
-    """Every point :func:`score_problems` scores, in its order; each is independent of the others
+    """Every point :func:`score_problems` may score, with its keys; each is independent of the others
     (a problem's merges are shared by its points when they run in one process, made again otherwise)."""
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
+    pools = _with_recommended(pools)
     out = []
     for index, problem in enumerate(found):
-        family = _LazyFamily(pretrained, problem, method, seed)
+        family = _LazyFamily(pretrained, problem, method, seed, Stopwatch())
         for lam in grid:
             key = f"{setup}/{method}/{index}/lam={lam}"
             out.append(SweepPoint(key, index, lam, None, functools.partial(family.evaluate_at, lam)))
-        for pool in _with_recommended(pools):
+        for pool in pools:
             key = f"{setup}/{method}/{index}/weave={pool}"
-            compute = functools.partial(family.evaluate_woven, weave_grid, pool)
+            compute = functools.partial(family.evaluate_woven, weave_grid, pools, pool)
             out.append(SweepPoint(key, index, None, pool, compute))
     return out
 
@@ -175,29 +195,54 @@ def score_problems(
     pools: Sequence[str],
     stride: int,
     points: Points | None = None,
+    clock: Stopwatch | None = None,
+    coarse_to_fine: bool = False,
 ) -> dict[str, object]:
     """The model-agnostic part of :func:`score_method`: any encoder family's problems, scored alike.
 
     ``pretrained`` is the encoder's state dict and each problem's ``finetuned`` are state dicts or
     checkpoint paths (read lazily by the merge). ``points(key, compute)`` may answer a point from a
-    store of earlier results (a resumed run, or points computed elsewhere: one Ray task each); a
-    problem's merges are made only when a point needs them.
+    store of earlier results (a resumed run, or points computed elsewhere: one Ray task each); a problem's merges are made only when a point needs them.
+    ``clock`` sums the seconds of the merges, the sweep's evaluations, the weave and each pool's evaluation.
+    ``coarse_to_fine``: evaluate every other point of the grid (and both ends, and λ = 1), then the grid
+    neighbours of the best: the tuned λ is the full grid's wherever the average has no peak narrower
+    than two grid steps (the sweep then lists the points evaluated).
     """
+    clock = clock or Stopwatch()
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
-    sweep: dict[float, Scores] = {lam: {} for lam in grid}
+    sweep: dict[float, Scores]
     pools = _with_recommended(pools)
     woven: dict[str, Scores] = {pool: {} for pool in pools}
     point = points or (lambda key, compute: compute())
-    for item in sweep_points(pretrained, found, seed, setup, method, pools, stride):
-        scores = point(item.key, item.compute)
-        if item.pool is None:
-            assert item.lam is not None
-            sweep[item.lam].update(scores)
-        else:
-            woven[item.pool].update(scores)
-    averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
-    best = max(grid, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+    families = [_LazyFamily(pretrained, problem, method, seed, clock) for problem in found]
+    full = list(grid)
+    if coarse_to_fine:
+        grid = sorted({*full[::2], full[-1], *([1.0] if 1.0 in full else [])})
+    sweep = {lam: {} for lam in grid}
+
+    def evaluate(lams: list[float]) -> None:
+        for index, family in enumerate(families):
+            for lam in lams:
+                key = f"{setup}/{method}/{index}/lam={lam}"
+                sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
+
+    def best_of() -> float:
+        averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
+        return max(averages, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+
+    evaluate(grid)
+    if coarse_to_fine:
+        at = full.index(best_of())
+        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in sweep]
+        sweep.update({lam: {} for lam in near})
+        evaluate(near)
+        grid = sorted(sweep)
+    for index, family in enumerate(families):
+        for pool in pools:
+            key = f"{setup}/{method}/{index}/weave={pool}"
+            woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pools, pool)))
+    best = best_of()
     tuned = entry(sweep[best])
     tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
     names = list(sweep[grid[0]])
@@ -220,23 +265,40 @@ def score_problems(
 class _LazyFamily:
     """A problem's merges, made on the first point that needs them (a resumed run may need none)."""
 
-    def __init__(self, pretrained: StateDict, problem: Problem, method: str, seed: int) -> None:
+    def __init__(
+        self, pretrained: StateDict, problem: Problem, method: str, seed: int, clock: Stopwatch
+    ) -> None:
         self.pretrained, self.problem, self.method, self.seed = pretrained, problem, method, seed
+        self.clock = clock
         self.family: Callable[[float], StateDict] | None = None
+        self.woven: dict[str, StateDict] | None = None
 
     def at(self, lam: float) -> StateDict:
-        if self.family is None:
-            self.family = merge_family(self.pretrained, self.problem.finetuned, self.method, self.seed)
-        return self.family(lam)
+        with self.clock("merge"):
+            if self.family is None:
+                self.family = merge_family(self.pretrained, self.problem.finetuned, self.method, self.seed)
+            return self.family(lam)
 
     def evaluate_at(self, lam: float) -> Scores:
-        return self.problem.evaluate(self.at(lam))
+        state = self.at(lam)
+        with self.clock("sweep"):
+            return self.problem.evaluate(state)
 
-    def evaluate_woven(self, lambdas: list[float], pool: str) -> Scores:
-        merged = weave(
-            self.pretrained, self.problem.finetuned, self.method, lambdas, pool, self.seed, self.family
-        )
-        return self.problem.evaluate(merged)
+    def evaluate_woven(self, lambdas: list[float], pools: Sequence[str], pool: str) -> Scores:
+        """The weave with ``pool``; the first call weaves with every pool of ``pools`` at once."""
+        if self.woven is None:
+            with self.clock("weave"):
+                self.woven = weave_pools(
+                    self.pretrained,
+                    self.problem.finetuned,
+                    self.method,
+                    lambdas,
+                    pools,
+                    self.seed,
+                    self.family,
+                )
+        with self.clock(f"pool:{pool}"):
+            return self.problem.evaluate(self.woven.pop(pool))
 
 
 def _argmax(grid: list[float], values: list[float]) -> float:
@@ -297,3 +359,52 @@ def cosine_matrix(pretrained: StateDict, models: list[StateDict]) -> list[list[f
     )
     unit = torch.nn.functional.normalize(vectors, dim=1)
     return (unit @ unit.T).tolist()
+
+
+def continual_diagnostics(zoo: Zoo, run: ContinualRun, lams: Sequence[float]) -> dict[str, Any]:
+    """Why a continual merge does (not) beat the zero-shot head, per task t of one split.
+
+    Every accuracy is class-incremental (one head over all the benchmark's classes) on task t's test
+    images: ``zero_shot`` under θ_pre; ``just_learned`` under θ_t of the sequence, right after task t;
+    ``final`` under θ_N (``forgetting`` = just learned − final); ``individual`` under θ_t fine-tuned
+    from θ_pre; ``survival[λ]`` the gain over zero-shot under ``θ_pre + λ·Δ_t`` (Δ_t individual), i.e.
+    how much of a task's own gain is left at the scales a merge of N task vectors uses.
+    """
+    cfg, test, head, groups = zoo.recipe.vit, run.task.test, run.head, run.class_groups
+    zero = train.group_accuracies(cfg, zoo.pretrained, test, head, groups)
+    matrix = [train.group_accuracies(cfg, state, test, head, groups) for state in run.sequential]
+    n = len(groups)
+    out: dict[str, Any] = {
+        "benchmark": run.benchmark,
+        "n_tasks": n,
+        "class_groups": groups,
+        "zero_shot": zero,
+        "sequential_matrix": matrix,  # row: after task s, column: task t
+        "just_learned": [matrix[t][t] for t in range(n)],
+        "final": matrix[-1],
+        "forgetting": [matrix[t][t] - matrix[-1][t] for t in range(n)],
+    }
+    if run.individual is not None:
+        own: list[float] = []
+        survival: dict[str, list[float]] = {str(lam): [] for lam in lams}
+        for t, (state, group) in enumerate(zip(run.individual, groups, strict=True)):
+            own.append(train.group_accuracies(cfg, state, test, head, [group])[0])
+            for lam in lams:
+                scaled = {k: zoo.pretrained[k] + lam * (state[k] - zoo.pretrained[k]) for k in zoo.pretrained}
+                survival[str(lam)].append(
+                    train.group_accuracies(cfg, scaled, test, head, [group])[0] - zero[t]
+                )
+        out["individual"] = own
+        out["survival"] = survival
+    return out
+
+
+def merged_per_task(zoo: Zoo, run: ContinualRun, method: str, lam: float | None) -> list[float]:
+    """Each task's class-incremental accuracy under ``method``'s merge of the split's sequence:
+    Weight Weaving (mean pool, the paper's grid) when ``lam`` is None, else the merge at ``lam``."""
+    grid = paper_grid(method, "continual", 1)
+    if lam is None:
+        state = weave_pools(zoo.pretrained, run.sequential, method, grid, ["mean"], zoo.seed)["mean"]
+    else:
+        state = merge_family(zoo.pretrained, run.sequential, method, zoo.seed)(lam)
+    return train.group_accuracies(zoo.recipe.vit, state, run.task.test, run.head, run.class_groups)

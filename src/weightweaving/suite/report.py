@@ -282,6 +282,74 @@ def _per_task_table(results: Results, setup: str, variant: str) -> list[str]:
     return lines
 
 
+PAPER_SEVEN = ("task_arithmetic", "ties", "breadcrumbs", "magmax", "pcb", "tsv", "iso_c")
+
+
+def continual_section(results: Results, diagnostics: Results) -> list[str]:
+    """Continual learning: gain over the zero-shot head per method, and why (per-task evidence)."""
+    cl = results.get("continual")
+    diag = diagnostics.get("continual") or {}
+    if not cl or not methods_of(results, "continual"):
+        return []
+    zero = cl["zero_shot"]["average"]
+    lines = ["", "## Continual learning: what merging gains over the zero-shot head", ""]
+    seq = cl.get("sequential_finetuning", {}).get("average")
+    last = f"; sequential fine-tuning (last model) {_f(seq)}" if seq is not None else ""
+    lines.append(f"Zero-shot {_f(zero)}{last}; averages over the splits. Gain = merge − zero-shot (points).")
+    lines += [
+        "",
+        "| method | tuned λ | gain at tuned λ | gain at λ = 1 | gain with Weight Weaving |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods_of(results, "continual"):
+        v = cl[m]
+        lines.append(
+            f"| {m} | {v['tuned']['lam']} | {v['tuned']['average'] - zero:+.1f} | "
+            f"{v['data_free']['average'] - zero:+.1f} | {v['weave']['average'] - zero:+.1f} |"
+        )
+    paper = [m for m in PAPER_SEVEN if m in cl]
+    if paper:
+        best = max(paper, key=lambda m: cl[m]["weave"]["average"])
+        smallest = [m for m in paper if cl[m]["tuned"]["lam"] <= min(cl[m]["sweep"]["lambdas"])]
+        lines += [
+            "",
+            f"Best data-free merge: Weight Weaving over {best}, {cl[best]['weave']['average'] - zero:+.1f} points "
+            f"over zero-shot; {len(paper) - len(smallest)}/{len(paper)} of the paper's methods have their tuned λ "
+            "inside the grid (not at its smallest value).",
+        ]
+    if not diag:
+        return lines
+    lines += ["", "### Per task (class-incremental: one head over all the benchmark's classes)", ""]
+    lines.append(
+        "Each task's test images only: zero-shot (θ_pre), just learned (θ_t of the sequence, right after "
+        "task t), final (θ_N: forgetting = just learned − final), individual (θ_t fine-tuned from θ_pre), "
+        "and the best merges of the sequence."
+    )
+    for key, d in diag.items():
+        woven, tuned = d.get("best_weave"), d.get("best_tuned")
+        head = ["task", "zero-shot", "just learned", "final", "individual"]
+        if woven:
+            head.append(f"WW {woven['method']}")
+        if tuned:
+            head.append(f"{tuned['method']} λ={tuned['lam']}")
+        lines += ["", f"**{key}**", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for t in range(d["n_tasks"]):
+            cells = [str(t + 1), _f(d["zero_shot"][t]), _f(d["just_learned"][t]), _f(d["final"][t])]
+            cells.append(_f(d["individual"][t]) if "individual" in d else "—")
+            cells += [_f(x["per_task"][t]) for x in (woven, tuned) if x]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "### Forgetting and how much of a task's own gain survives in θ_pre + λ·Δ_t", ""]
+    lams = sorted({lam for d in diag.values() for lam in d.get("survival", {})}, key=float)
+    head = ["split", "own gain of θ_t (just learned)", "forgetting", *[f"gain at λ = {lam}" for lam in lams]]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for key, d in diag.items():
+        own = mean(j - z for j, z in zip(d["just_learned"], d["zero_shot"], strict=True))
+        cells = [key, f"{own:+.1f}", f"{mean(d['forgetting']):+.1f}"]
+        cells += [f"{mean(d['survival'][lam]):+.1f}" if lam in d.get("survival", {}) else "—" for lam in lams]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seed_line(meta: Results) -> str:
     tuned = meta.get("recipe_tuned_on_seeds", [])
     if not tuned:
@@ -434,6 +502,7 @@ def markdown(results: Results, diagnostics: Results, meta: Results) -> str:
             lines.append(
                 f"| {name} | {_cos(c.get('individual_mean_offdiag'))} | {c['sequential_mean_offdiag']:.3f} | {c['sequential_consecutive']:.3f} |"
             )
+    lines += continual_section(results, diagnostics)
     for s in setups:
         lines += ["", f"## {SETUP_TITLES[s]}: per task", ""]
         for variant, title in (
@@ -576,3 +645,29 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def timings_section(timings: Results) -> list[str]:
+    """Where this run's time went: per stage (wall, CPU) and CPU seconds per method and per part."""
+    if not timings:
+        return []
+    lines = ["", "## Time per stage", ""]
+    lines.append(
+        f"{timings['workers']} worker processes. CPU seconds are each process's own: on a quiet machine the "
+        "wall time of a parallel stage is about its CPU seconds divided by the workers; on a loaded one "
+        "wall grows, CPU much less."
+    )
+    lines += ["", "| stage | wall s | CPU s |", "|---|---|---|"]
+    for name, t in {**timings["stages"], "total": timings.get("total", {})}.items():
+        lines.append(f"| {name} | {t.get('wall', '—')} | {t.get('cpu', '—')} |")
+    lines += ["", "| share | CPU s |", "|---|---|"]
+    lines += [f"| {name} | {cpu} |" for name, cpu in timings["shares_cpu"].items()]
+    lines += ["", "CPU seconds per method (all setups) and per part (all jobs):", ""]
+    lines.append("| method | CPU s |")
+    lines.append("|---|---|")
+    lines += [
+        f"| {m} | {cpu} |" for m, cpu in sorted(timings["cpu_by_method"].items(), key=lambda kv: -kv[1])
+    ]
+    lines += ["", "| part | CPU s |", "|---|---|"]
+    lines += [f"| {p} | {cpu} |" for p, cpu in sorted(timings["cpu_by_part"].items(), key=lambda kv: -kv[1])]
+    return lines

@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import platform
+import resource
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from . import protocols, report, train, withdata
 from .cache import CheckpointCache, default_cache_dir
 from .merging import available_methods
 from .parallel import default_workers, fork_map, ray_map
-from .profiles import POOLS, PROFILES, TUNED_ON_SEEDS
+from .profiles import PAPER_METHODS, POOLS, PROFILES, TUNED_ON_SEEDS
+from .timing import Stopwatch
 from .zoo import Zoo, build_zoo
 
 log = logging.getLogger("weightweaving.suite")
@@ -87,19 +89,14 @@ def run_suite(
         zoo = build_zoo(recipe, seed, cache, show, workers)
         trained = time.perf_counter()
         methods = available_methods(recipe.methods)
-        if executor == "local":
-            results, diagnostics = _score(zoo, methods, functools.partial(fork_map, workers=workers), show)
-        else:
-            results, diagnostics = _score_points(
-                zoo, methods, functools.partial(ray_map, address=ray_address), show
-            )
-        if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
-            setups = [s for s in protocols.SETUPS if s in results]
-            scored = withdata.score_with_data(
-                zoo, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride, setups, workers
-            )
-            for setup, entries in scored.items():
-                results[setup].update(entries)
+        mapper: Mapper = (
+            functools.partial(fork_map, workers=workers)
+            if executor == "local"
+            else functools.partial(ray_map, address=ray_address)
+        )
+        results, diagnostics, timings = _score(
+            zoo, methods, mapper, workers, show, per_point=executor == "ray"
+        )
     finished = time.perf_counter()
     meta = {
         "profile": name,
@@ -120,104 +117,226 @@ def run_suite(
             "python": platform.python_version(),
         },
     }
+    tick = time.perf_counter()
+    report.plots(results, diagnostics, folder)
+    markdown = report.markdown(results, diagnostics, meta)
+    timings["stages"]["report and plots"] = {"wall": round(time.perf_counter() - tick, 1)}
+    timings["total"] = {"wall": round(time.perf_counter() - started, 1), "cpu": round(_cpu_so_far(), 1)}
+    meta["timings"] = timings
     (folder / "results.json").write_text(
         # setups at the top level: results["continual"]["ties"]["weave"]["average"]
-        json.dumps({**results, "diagnostics": diagnostics, "meta": meta}, indent=1)
+        json.dumps({**results, "diagnostics": diagnostics, "timings": timings, "meta": meta}, indent=1)
     )
     (folder / "config.json").write_text(json.dumps(meta, indent=1))
-    report.plots(results, diagnostics, folder)
-    (folder / "report.md").write_text(report.markdown(results, diagnostics, meta))
+    (folder / "report.md").write_text(markdown + "\n".join(report.timings_section(timings)) + "\n")
     print(report.summary(results, diagnostics))
     print(f"suite ({name}, seed {seed}) done in {finished - started:.0f} s; report: {folder / 'report.md'}")
     return folder
 
 
+Mapper = Callable[[Callable[[int], Any], int], Iterable[Any]]
+
+
 def _score(
-    zoo: Zoo, methods: list[str], mapper: Callable[[Callable[[int], Any], int], Iterable[Any]], show: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every method in every setup (and the interference diagnostic), as jobs run by ``mapper``
-    (``fork_map`` over worker processes, or ``ray_map``)."""
+    zoo: Zoo, methods: list[str], mapper: Mapper, workers: int, show: bool, per_point: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every method in every setup, the methods that use data, the interference and continual
+    diagnostics: independent jobs run by ``mapper`` (``fork_map`` over ``workers`` processes, or
+    ``ray_map``), longest first. Returns the results, the diagnostics and the per-stage timings.
+
+    ``per_point`` (Ray): every point of every λ sweep is a job of its own (one merge and one
+    evaluation); the jobs return scores and each method's sweep is folded here from them exactly as
+    it is in one process (the whole grid is scored, the coarse-to-fine search takes what it needs)."""
     recipe = zoo.recipe
+    tick = time.perf_counter()
     results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
-    # independent jobs: every (setup, method) scoring, then each interference λ
-    pairs = [(setup, method) for setup in protocols.SETUPS for method in methods]
+    baselines_wall = time.perf_counter() - tick
+    jobs: list[tuple[str, Any]] = []
+    if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
+        jobs += [("with_data", pair) for pair in withdata.jobs(protocols.SETUPS)]
+    # domain generalisation first: eight merges per method
+    pairs = [(setup, m) for setup in ("domain", "multitask", "continual") for m in methods]
+    points: dict[tuple[str, str], list[str]] = {}
+    if per_point:
+        for setup, method in pairs:
+            found = protocols.method_points(
+                zoo, setup, method, _pools(zoo, setup, method), recipe.grid_stride
+            )
+            points[setup, method] = [p.key for p in found]
+            jobs += [("point", (setup, method, k)) for k in range(len(found))]
+    else:
+        jobs += [("score", pair) for pair in pairs]
+    jobs += [("interference", lam) for lam in recipe.interference_lams]
+    jobs += [("continual", index) for index in range(len(zoo.continual))]
 
-    def job(index: int) -> Any:
-        if index >= len(pairs):
-            return protocols.interference(zoo, recipe.interference_lams[index - len(pairs)])
-        setup, method = pairs[index]
-        tick = time.perf_counter()
-        scored = protocols.score_method(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)
-        log.info("%s / %s: %.1f s", setup, method, time.perf_counter() - tick)
-        return scored
-
-    n_jobs = len(pairs) + len(recipe.interference_lams)
-    interference = []
-    with tqdm(total=n_jobs, desc="merge+evaluate", disable=not show, leave=False) as bar:
-        for index, value in enumerate(mapper(job, n_jobs)):
-            if index < len(pairs):
-                setup, method = pairs[index]
-                results[setup][method] = value
+    def job(index: int) -> tuple[Any, dict[str, dict[str, float]]]:
+        kind, what = jobs[index]
+        clock = Stopwatch()
+        with clock("total"):
+            if kind == "with_data":
+                setup, method = what
+                value = withdata.score_one(
+                    zoo, setup, method, recipe.with_data_steps, recipe.with_data_lr, recipe.grid_stride
+                )
+            elif kind == "interference":
+                value = protocols.interference(zoo, what)
+            elif kind == "continual":
+                value = protocols.continual_diagnostics(zoo, zoo.continual[what], CL_SURVIVAL_LAMS)
+            elif kind == "point":
+                setup, method, k = what
+                pools = _pools(zoo, setup, method)
+                value = protocols.method_points(zoo, setup, method, pools, recipe.grid_stride)[k].compute()
             else:
-                interference.append(value)
-            bar.update(1)
-    return results, _diagnostics(zoo, interference)
+                setup, method = what
+                value = protocols.score_method(
+                    zoo, setup, method, _pools(zoo, setup, method), recipe.grid_stride, clock
+                )
+        log.info("%s %s: %.1f s (%.1f CPU s)", kind, what or "", clock.wall["total"], clock.cpu["total"])
+        return value, clock.snapshot()
 
-
-def _pools(zoo: Zoo, setup: str) -> tuple[str, ...]:
-    recipe = zoo.recipe
-    return (*(POOLS if setup in recipe.pool_setups else ("mean",)), *recipe.strategies)
-
-
-def _score_points(
-    zoo: Zoo, methods: list[str], mapper: Callable[[Callable[[int], Any], int], Iterable[Any]], show: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What :func:`_score` finds, with every λ point of every sweep a job of its own (``ray_map``):
-    the jobs return scores, and each method's sweep is folded here from them as it is locally."""
-    recipe = zoo.recipe
-    results: dict[str, Any] = {setup: protocols.baselines(zoo, setup) for setup in protocols.SETUPS}
-    pairs = [(setup, method) for setup in protocols.SETUPS for method in methods]
-    # (pair, point) of every job; the points' keys are the driver's, for the fold
-    keys = [
-        [p.key for p in protocols.method_points(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)]
-        for setup, method in pairs
-    ]
-    jobs = [(pair, point) for pair, found in enumerate(keys) for point in range(len(found))]
-
-    def job(index: int) -> Any:
-        if index >= len(jobs):
-            return protocols.interference(zoo, recipe.interference_lams[index - len(jobs)])
-        pair, point = jobs[index]
-        setup, method = pairs[pair]
-        found = protocols.method_points(zoo, setup, method, _pools(zoo, setup), recipe.grid_stride)
-        return found[point].compute()
-
-    n_jobs = len(jobs) + len(recipe.interference_lams)
+    interference, continual = [], []
     done: dict[str, Any] = {}
-    interference = []
-    with tqdm(total=n_jobs, desc="merge+evaluate", disable=not show, leave=False) as bar:
-        for index, value in enumerate(mapper(job, n_jobs)):
-            if index < len(jobs):
-                pair, point = jobs[index]
-                done[keys[pair][point]] = value
-            else:
+    clocks: dict[str, dict[str, dict[str, float]]] = {}
+    tick = time.perf_counter()
+    with tqdm(total=len(jobs), desc="merge+evaluate", disable=not show, leave=False) as bar:
+        for (kind, what), (value, clock) in zip(jobs, mapper(job, len(jobs)), strict=True):
+            if kind == "score":
+                results[what[0]][what[1]] = value
+                clocks[f"{what[0]}/{what[1]}"] = clock
+            elif kind == "point":
+                setup, method, k = what
+                done[points[setup, method][k]] = value
+                _add_clock(clocks, f"{setup}/{method}", clock)
+            elif kind == "with_data":
+                results[what[0]][what[1]] = value
+                clocks[f"with_data/{what[0]}/{what[1]}"] = clock
+            elif kind == "interference":
                 interference.append(value)
+                clocks[f"interference/{what}"] = clock
+            else:
+                continual.append(value)
+                clocks[f"continual_diagnostics/{zoo.continual[what].key}"] = clock
             bar.update(1)
-    for setup, method in pairs:
+    for setup, method in points:  # Ray: fold each sweep from its points, as in one process
         results[setup][method] = protocols.score_method(
-            zoo, setup, method, _pools(zoo, setup), recipe.grid_stride, lambda key, _: done[key]
+            zoo,
+            setup,
+            method,
+            _pools(zoo, setup, method),
+            recipe.grid_stride,
+            points=lambda key, _: done[key],
         )
-    return results, _diagnostics(zoo, interference)
-
-
-def _diagnostics(zoo: Zoo, interference: list[Any]) -> dict[str, Any]:
-    return {
+    scoring_wall = time.perf_counter() - tick
+    tick = time.perf_counter()
+    _best_merge_per_task(zoo, results, continual, methods, mapper)
+    diagnostics = {
         "interference": interference,
         "cosine": _cosines(zoo),
         "multitask_task_vector_cosine": _mean_offdiag(
             protocols.cosine_matrix(zoo.pretrained, [zoo.finetuned[t.name] for t in zoo.tasks])
         ),
+        "continual": {run.key: d for run, d in zip(zoo.continual, continual, strict=True)},
     }
+    stages = {
+        **zoo.timings,
+        "baselines": {"wall": round(baselines_wall, 1)},
+        "merge and evaluate (jobs in parallel)": {
+            "wall": round(scoring_wall, 1),
+            "cpu": round(sum(c["cpu"]["total"] for c in clocks.values()), 1),
+        },
+        "continual per-task tables": {"wall": round(time.perf_counter() - tick, 1)},
+    }
+    return results, diagnostics, _timings(stages, clocks, recipe.strategies, workers)
+
+
+def _pools(zoo: Zoo, setup: str, method: str) -> tuple[str, ...]:
+    """The pools a method is woven with in a setup: Table 3's where it runs, then the strategies."""
+    recipe = zoo.recipe
+    strategies = recipe.strategies if method in recipe.strategy_methods else ()
+    return (*(POOLS if setup in recipe.pool_setups else ("mean",)), *strategies)
+
+
+def _add_clock(
+    clocks: dict[str, dict[str, dict[str, float]]], name: str, clock: dict[str, dict[str, float]]
+) -> None:
+    """Sum a point's seconds into its method's clock (Ray: a sweep's points are jobs of their own)."""
+    into = clocks.setdefault(name, {"wall": {}, "cpu": {}})
+    for kind in ("wall", "cpu"):
+        for part, seconds in clock[kind].items():
+            into[kind][part] = into[kind].get(part, 0.0) + seconds
+
+
+def _timings(
+    stages: dict[str, Any],
+    clocks: dict[str, dict[str, dict[str, float]]],
+    strategies: Sequence[str],
+    workers: int,
+) -> dict[str, Any]:
+    """results.json ``timings``: stages (wall; CPU where measured), each job, and CPU seconds by part."""
+    parts: dict[str, float] = {}
+    methods: dict[str, float] = {}
+    setups: dict[str, float] = {}
+    for name, clock in clocks.items():
+        for part, cpu in clock["cpu"].items():
+            if part != "total":
+                parts[part] = parts.get(part, 0.0) + cpu
+        if "/" in name and not name.startswith(("interference", "continual_diagnostics", "with_data")):
+            setup, method = name.split("/", 1)
+            methods[method] = methods.get(method, 0.0) + clock["cpu"]["total"]
+            setups[setup] = setups.get(setup, 0.0) + clock["cpu"]["total"]
+    strategy_cpu = sum(parts.get(f"pool:{s}", 0.0) for s in strategies)
+    return {
+        "workers": workers,
+        "note": "CPU seconds are each process's own; wall seconds grow with the machine's load",
+        "stages": stages,
+        "cpu_by_part": {k: round(v, 1) for k, v in sorted(parts.items())},
+        "cpu_by_method": {k: round(v, 1) for k, v in methods.items()},
+        "cpu_by_setup": {k: round(v, 1) for k, v in setups.items()},
+        "shares_cpu": {
+            "fine-tuning": stages.get("fine-tuning", {}).get("cpu", 0.0),
+            "data-free strategies (evaluation of their pools)": round(strategy_cpu, 1),
+            "methods that use data": round(
+                sum(c["cpu"]["total"] for n, c in clocks.items() if n.startswith("with_data/")), 1
+            ),
+        },
+        "jobs": {
+            name: {"wall": round(c["wall"]["total"], 1), "cpu": round(c["cpu"]["total"], 1)}
+            for name, c in clocks.items()
+        },
+    }
+
+
+def _cpu_so_far() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+# λ at which each continual task's own gain is measured in θ_pre + λ·Δ_t (the report's survival table)
+CL_SURVIVAL_LAMS = (0.1, 0.3, 1.0)
+
+
+def _best_merge_per_task(
+    zoo: Zoo, results: dict[str, Any], continual: list[dict[str, Any]], methods: list[str], mapper: Mapper
+) -> None:
+    """Add to each split's diagnostics the per-task accuracies under the best data-free merge (Weight
+    Weaving over the paper's method with the best continual average) and the best privileged one."""
+    paper = [m for m in ("task_arithmetic", *PAPER_METHODS) if m in methods]
+    if not paper or not zoo.continual:
+        return
+    cl = results["continual"]
+    woven = max(paper, key=lambda m: cl[m]["weave"]["average"])
+    tuned = max(paper, key=lambda m: cl[m]["tuned"]["average"])
+    asks = [(i, woven, None) for i in range(len(zoo.continual))]
+    asks += [(i, tuned, cl[tuned]["tuned"]["lam"]) for i in range(len(zoo.continual))]
+
+    def job(k: int) -> list[float]:
+        i, method, lam = asks[k]
+        return protocols.merged_per_task(zoo, zoo.continual[i], method, lam)
+
+    for (i, method, lam), accs in zip(asks, mapper(job, len(asks)), strict=True):
+        label = "best_weave" if lam is None else "best_tuned"
+        continual[i][label] = {"method": method, "lam": lam, "per_task": accs}
 
 
 _mean_offdiag = protocols.mean_offdiag
@@ -225,9 +344,9 @@ _mean_offdiag = protocols.mean_offdiag
 
 def _cosines(zoo: Any) -> dict[str, Any]:
     return {
-        f"split{run.n_tasks}": protocols.cosine_summary(
+        run.key: protocols.cosine_summary(
             protocols.cosine_matrix(zoo.pretrained, run.sequential),
-            protocols.cosine_matrix(zoo.pretrained, run.individual),
+            None if run.individual is None else protocols.cosine_matrix(zoo.pretrained, run.individual),
         )
         for run in zoo.continual
     }

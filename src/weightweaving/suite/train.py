@@ -161,6 +161,7 @@ def fine_tune(
     head: Tensor,
     *,
     classes: Sequence[int] | None = None,
+    head_classes: Sequence[int] | None = None,
     steps: int,
     lr: float,
     batch: int,
@@ -174,16 +175,20 @@ def fine_tune(
     ``optimizer="sgd"`` (momentum 0.9) moves each weight in proportion to its gradient, so weights a
     task does not use stay put; AdamW moves every weight by about ``lr`` per step.
 
-    ``classes`` restricts the data and the head's rows to those classes (class-incremental tasks).
+    ``classes`` restricts the data to those classes (class-incremental tasks), and the head's rows
+    to ``head_classes`` (default: the same classes; it must hold them all, e.g. every class seen so far).
     """
     model = _encoder(config, start).train()
     labels = split.labels
     if classes is not None:
+        rows = list(head_classes if head_classes is not None else classes)
+        if not set(classes) <= set(rows):
+            raise ValueError("head_classes must include every class of the data")
         keep = torch.isin(labels, torch.tensor(list(classes)))
         split = split.subset(torch.nonzero(keep).flatten())
         remap = torch.full((head.shape[0],), -1, dtype=torch.long)
-        remap[torch.tensor(list(classes))] = torch.arange(len(classes))
-        labels, head = remap[split.labels], head[list(classes)]
+        remap[torch.tensor(rows)] = torch.arange(len(rows))
+        labels, head = remap[split.labels], head[rows]
     optimiser: torch.optim.Optimizer
     if optimizer == "sgd":
         optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -201,6 +206,20 @@ def fine_tune(
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
     return state_dict_of(model)
+
+
+@torch.inference_mode()
+def group_accuracies(
+    config: ViTConfig, state: dict[str, Tensor], split: Split, head: Tensor, groups: Sequence[Sequence[int]]
+) -> list[float]:
+    """Top-1 accuracy (percent) on the test images of each class group, with the whole head
+    (class-incremental: a group's images may be predicted as any class); one forward pass."""
+    right = logits(embed(config, state, split.images), head, 1.0).argmax(-1) == split.labels
+    out = []
+    for group in groups:
+        mask = torch.isin(split.labels, torch.tensor(list(group)))
+        out.append(100.0 * float(right[mask].float().mean()) if bool(mask.any()) else float("nan"))
+    return out
 
 
 @torch.inference_mode()

@@ -125,15 +125,16 @@ def data_problems(zoo: Zoo, setup: str) -> list[DataProblem]:
                 )
             )
         return out
-    train_split = zoo.continual_task.train
     out = []
     for run, problem in zip(zoo.continual, found, strict=True):
+        train_split = run.task.train
         images = [
             train_split.images[torch.isin(train_split.labels, torch.tensor(group))]
             for group in run.class_groups
         ]
-        names = [f"split{run.n_tasks}-{t}" for t in range(run.n_tasks)]
-        heads = [_head(zoo, "continual")] * run.n_tasks
+        names = [f"{run.key}-{t}" for t in range(run.n_tasks)]
+        head: Head = partial(train.logits, head=run.head, scale=zoo.recipe.logit_scale)
+        heads = [head] * run.n_tasks
         out.append(DataProblem(problem.finetuned, problem.evaluate, names, images, images, heads))
     return out
 
@@ -247,6 +248,13 @@ def jobs(setups: Sequence[str], learned_setups: Sequence[str] = LEARNED_SETUPS) 
     return out
 
 
+def score_one(zoo: Zoo, setup: str, method: str, steps: int, lr: float, stride: int) -> dict[str, Any]:
+    """results[setup][method] for one method that uses data (one of :func:`jobs`)."""
+    if method == "exemplar_projection":
+        return score_exemplar_projection(zoo, setup, stride)
+    return score_learned(zoo, setup, method, steps, lr)
+
+
 def score_with_data(
     zoo: Zoo,
     steps: int,
@@ -262,11 +270,7 @@ def score_with_data(
     def run(index: int) -> tuple[dict[str, Any], float]:
         setup, method = todo[index]
         tick = time.perf_counter()
-        if method == "exemplar_projection":
-            scored = score_exemplar_projection(zoo, setup, stride)
-        else:
-            scored = score_learned(zoo, setup, method, steps, lr)
-        return scored, time.perf_counter() - tick
+        return score_one(zoo, setup, method, steps, lr, stride), time.perf_counter() - tick
 
     out: dict[str, dict[str, Any]] = {setup: {} for setup in setups}
     for (setup, method), (scored, seconds) in zip(todo, fork_map(run, len(todo), workers), strict=True):
