@@ -169,12 +169,13 @@ def sweep_points(
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
     pools = _with_recommended(pools)
-    out = []
-    for index, problem in enumerate(found):
-        family = _LazyFamily(pretrained, problem, method, seed, Stopwatch())
+    families = [_LazyFamily(pretrained, problem, method, seed, Stopwatch()) for problem in found]
+    out = []  # in score_problems' order without the coarse-to-fine search: the sweep, then the weaves
+    for index, family in enumerate(families):
         for lam in grid:
             key = f"{setup}/{method}/{index}/lam={lam}"
             out.append(SweepPoint(key, index, lam, None, functools.partial(family.evaluate_at, lam)))
+    for index, family in enumerate(families):
         for pool in pools:
             key = f"{setup}/{method}/{index}/weave={pool}"
             compute = functools.partial(family.evaluate_woven, weave_grid, pools, pool)
