@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--quick",
         action="store_true",
-        help="the small profile: 6 tasks, 50 fine-tuning steps (about 6 minutes on 2 cores)",
+        help="the small profile: 6 tasks, 50 fine-tuning steps (faster than the full one)",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of data, training and merging (default: 0)")
     s.add_argument("--seeds", type=int, nargs="+", help="run several seeds and write <out>/seed-spread.md")
