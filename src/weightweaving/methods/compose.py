@@ -6,8 +6,23 @@ decides the scope, so a global base (TIES) gets its first passes through the wra
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import ValidationInfo
+
+from ..errors import OptionError
 from .base import Hyperparameters, Method, Scope
 from .registry import get_method
+
+
+def checked_base_hyperparameters(values: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """The body of a ``base_hyperparameters`` validator: valid for the ``base`` given beside them."""
+    if "base" in info.data:
+        try:
+            get_method(info.data["base"]).parse_params(values)
+        except OptionError as exc:
+            raise ValueError(str(exc)) from None
+    return values
 
 
 class ComposesBase(Method):

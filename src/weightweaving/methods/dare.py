@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import OptionError
 from .base import Hyperparameters, LamForm, LamKind, Scanner, Scope, UnitContext, paper_ranges
-from .compose import ComposesBase
+from .compose import ComposesBase, checked_base_hyperparameters
 from .registry import get_method, register
 
 
@@ -43,12 +43,7 @@ class DareParams(Hyperparameters):
     @field_validator("base_hyperparameters")
     @classmethod
     def _valid_for_base(cls, values: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "base" in info.data:
-            try:
-                get_method(info.data["base"]).parse_params(values)
-            except OptionError as exc:
-                raise ValueError(str(exc)) from None
-        return values
+        return checked_base_hyperparameters(values, info)
 
 
 def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitContext) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import OptionError
 from .base import Hyperparameters, LamKind, Scanner, Scope, UnitContext, paper_ranges
-from .compose import ComposesBase
+from .compose import ComposesBase, checked_base_hyperparameters
 from .registry import get_method, register
 from .steps import check_regex, is_weight_matrix, name_matches, thin_svd
 
@@ -65,12 +65,7 @@ class SvcParams(Hyperparameters):
     @field_validator("base_hyperparameters")
     @classmethod
     def _valid_for_base(cls, values: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "base" in info.data:
-            try:
-                get_method(info.data["base"]).parse_params(values)
-            except OptionError as exc:
-                raise ValueError(str(exc)) from None
-        return values
+        return checked_base_hyperparameters(values, info)
 
 
 def calibrate(merged: Tensor, task_vectors: Tensor, alpha: float) -> Tensor:
