@@ -23,6 +23,7 @@ from .checkpoints.llm import fit_to_base, read_config
 from .checkpoints.open import WEIGHT_FILES, Source
 from .checkpoints.writer import output_lock, output_path
 from .engine import Executor, Runner, make_plan
+from .engine.execute import entrywise_threads
 from .engine.executors import make_executor
 from .engine.plan import align_keys
 from .engine.resources import check_resources
@@ -353,40 +354,43 @@ def run_job(
     with output_lock(output_path(out)) if out is not None else contextlib.nullcontext():
         job = open_job(pretrained, finetuned, **engine)
         try:
-            runner = job.runner
-            if resource_check:
-                workers = getattr(runner.executor, "workers", 1)
-                chunk = runner.chunk_bytes if row_chunks else None  # the method merges chunks of rows
-                check_resources(
-                    runner.plan, len(job.models), runner.compute_dtype, workers, out, runner.device, chunk
-                )
-            unit_fn = prepare(runner)
-            if clip_rule:
-                record = {**record, "clip": _clip_provenance(runner.plan)}
-            inputs = [pretrained, *finetuned]
-            record = provenance(job, record, inputs, out=out, shard_size=shard_size, engine=engine)
-            record["vocab"] = engine.get("vocab", "error")
-            record["out_lora"] = out_lora
-            if out_lora is not None:
-                from .lora_out import deliver_lora
+            with entrywise_threads(job.runner.device, row_chunks):  # see there: memory-bound kernels
+                runner = job.runner
+                if resource_check:
+                    workers = getattr(runner.executor, "workers", 1)
+                    chunk = runner.chunk_bytes if row_chunks else None  # the method merges chunks of rows
+                    check_resources(
+                        runner.plan, len(job.models), runner.compute_dtype, workers, out, runner.device, chunk
+                    )
+                unit_fn = prepare(runner)
+                if clip_rule:
+                    record = {**record, "clip": _clip_provenance(runner.plan)}
+                inputs = [pretrained, *finetuned]
+                record = provenance(job, record, inputs, out=out, shard_size=shard_size, engine=engine)
+                record["vocab"] = engine.get("vocab", "error")
+                record["out_lora"] = out_lora
+                if out_lora is not None:
+                    from .lora_out import deliver_lora
 
-                assert out is not None
-                return deliver_lora(
-                    job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
-                )
-            write_merge = getattr(runner.executor, "write_merge", None)
-            if write_merge is not None and out is not None:  # workers write the output themselves
+                    assert out is not None
+                    return deliver_lora(
+                        job, unit_fn, rank=out_lora, out=out, overwrite=overwrite, record=record, desc=desc
+                    )
+                write_merge = getattr(runner.executor, "write_merge", None)
+                if write_merge is not None and out is not None:  # workers write the output themselves
+                    return deliver(
+                        job,
+                        iter(()),
+                        out=out,
+                        overwrite=overwrite,
+                        shard_size=shard_size,
+                        record=record,
+                        direct=lambda writer: write_merge(runner, unit_fn, writer, desc),
+                    )
+                stream = runner.run_pieces(unit_fn, desc=desc)
                 return deliver(
-                    job,
-                    iter(()),
-                    out=out,
-                    overwrite=overwrite,
-                    shard_size=shard_size,
-                    record=record,
-                    direct=lambda writer: write_merge(runner, unit_fn, writer, desc),
+                    job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record
                 )
-            stream = runner.run_pieces(unit_fn, desc=desc)
-            return deliver(job, stream, out=out, overwrite=overwrite, shard_size=shard_size, record=record)
         finally:
             job.close()
 

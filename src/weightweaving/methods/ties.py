@@ -64,8 +64,13 @@ class TiesStats:
 _SAMPLE = 1 << 20  # magnitudes per task read to place the window
 _SAMPLE_PER_UNIT = 1 << 16  # at most this many of them from one unit (weighted by the unit's size)
 _WINDOW_CAP = 1 << 25  # magnitudes kept from the windows of all tasks (128 MiB in float32)
-_EXACT_FLOAT_COUNT = 1 << 24  # a float32 sum of 0/1 values below this many is an exact count
+# entries per task that the window and merge kernels handle at a time: T blocks of this many
+# float32 values and their temporaries stay in the CPU's cache between kernels (8 × ViT-B/32, one
+# thread: 2x faster than whole-unit kernels, which stream every temporary through memory); counts
+# of 0/1 values summed in float32 over a block are exact (far below 2^24)
+_BLOCK = 1 << 16
 _TOP = 16  # bits of the magnitude's key that make a bucket
+_WINDOW_BITS = 20  # bits of the magnitude's key that make a bin of the sample's histogram
 _BUCKETS = 1 << _TOP
 
 
@@ -123,16 +128,29 @@ def place_window(keep_fraction: float, partials: Iterator[tuple[Tensor, float]])
     margin = max(0.003, 5.0 / math.sqrt(max(effective, 1.0)))
     target = 1.0 - keep_fraction
     bounds = torch.tensor([max(0.0, target - margin), min(1.0, target + margin)], dtype=torch.float64)
+    # weighted quantiles of a histogram over the magnitudes' top bits (bins 2^-11 of a value wide
+    # for float32): no sort of the sample; each edge is widened to its bin's edge
+    bits, width = _magnitude_bits(flat)
+    shift = width - _WINDOW_BITS
+    bins = (bits >> shift).to(torch.int64)  # (T, m)
+    infinity = float("inf")
     lows, highs = [], []
-    for row in flat:
-        order = row.argsort()
-        cum = w[order].cumsum(0)
-        at = torch.searchsorted(cum / cum[-1], bounds).clamp(max=len(cum) - 1)
-        edge = row[order[at]]
-        lows.append(edge[0] if bounds[0] > 0 else row.new_zeros(()))
-        highs.append(edge[1] if bounds[1] < 1 else row.new_tensor(float("inf")))
+    for row in bins:
+        cum = torch.bincount(row, weights=w).cumsum(0)  # over bins 0 … the largest hit
+        at = torch.searchsorted(cum / cum[-1], bounds).clamp(max=len(cum) - 1).tolist()
+        lows.append(_bits_value(at[0] << shift, flat.dtype) if bounds[0] > 0 else 0.0)
+        highs.append(_bits_value(((at[1] + 1) << shift) - 1, flat.dtype) if bounds[1] < 1 else infinity)
+    low = torch.tensor(lows, dtype=flat.dtype)
+    high = torch.tensor(highs, dtype=flat.dtype)
     expected = 2 * margin * float(w.sum()) * flat.shape[0]  # values inside the windows, about
-    return TiesWindow(keep_fraction, torch.stack(lows), torch.stack(highs), expected <= 2 * _WINDOW_CAP)
+    return TiesWindow(keep_fraction, low, high, expected <= 2 * _WINDOW_CAP)
+
+
+def _bits_value(bits: int, dtype: torch.dtype) -> float:
+    """The non-negative float whose IEEE bits are ``bits`` (+inf past the largest finite one)."""
+    ints = torch.int64 if dtype == torch.float64 else torch.int32
+    value = float(torch.tensor([bits], dtype=ints).view(dtype)[0])
+    return value if not math.isnan(value) else float("inf")
 
 
 def window_values(
@@ -141,20 +159,54 @@ def window_values(
     """Map of stage ``window``: the unit's entries per task, how many magnitudes lie below ``low``,
     and those inside [low, high]. -> (n, (T,) int64, T tensors)."""
     flat = task_vectors.reshape(task_vectors.shape[0], -1)
-    n = flat.shape[1]
-    mags, above_low, inside = (torch.empty_like(flat[0]) for _ in range(3))
-    below, values = [], []
-    for t in range(flat.shape[0]):  # task by task, float-only kernels on (n) buffers
-        torch.abs(flat[t], out=mags)
-        torch.ge(mags, float(given.low[t]), out=above_low)  # 1.0 where |x| ≥ low (never for NaN)
-        kept = int(above_low.sum()) if n < _EXACT_FLOAT_COUNT else int(torch.count_nonzero(above_low))
-        below.append(n - kept)
+    num_tasks, n = flat.shape
+    low = given.low.to(flat.dtype).reshape(-1, 1)  # (T, 1)
+    high = given.high.to(flat.dtype).reshape(-1, 1)
+    width = min(n, _BLOCK)
+    mags, flags, under_high = (flat.new_empty(num_tasks * width) for _ in range(3))
+    kept = torch.zeros(num_tasks, dtype=torch.float64)
+    values: list[list[Tensor]] = [[] for _ in range(num_tasks)]
+    for start in range(0, n, _BLOCK):  # a block of columns at a time: its buffers stay in cache
+        w = min(n, start + _BLOCK) - start
+        block_mags, block_flags = (x[: num_tasks * w].view(num_tasks, w) for x in (mags, flags))
+        torch.abs(flat[:, start : start + w], out=block_mags)
+        torch.ge(block_mags, low, out=block_flags)  # 1.0 where |x| ≥ low (never for NaN)
+        kept += block_flags.sum(1)  # exact: whole numbers far below 2^24 per block
         if not given.keep_values:
             continue
-        torch.le(mags, float(given.high[t]), out=inside)
-        where = inside.mul_(above_low).bool().nonzero().squeeze(1)  # cheaper than a boolean index
-        values.append(mags.index_select(0, where))
-    return n, torch.tensor(below, dtype=torch.int64), values
+        block_under_high = under_high[: num_tasks * w].view(num_tasks, w)
+        block_flags.mul_(torch.le(block_mags, high, out=block_under_high))  # 1.0 inside the window
+        where = _nonzero_sparse(block_flags.view(-1), block_under_high.view(-1))
+        if where.numel():
+            inside = block_mags.view(-1)[where]
+            task = torch.div(where, w, rounding_mode="floor")  # ascending: task 0's values first
+            counts = torch.bincount(task, minlength=num_tasks).tolist()
+            for t, part in enumerate(inside.split(counts)):
+                if part.numel():
+                    values[t].append(part)
+    below = n - kept.to(torch.int64)
+    empty = flat.new_empty(0)
+    return n, below, [torch.cat(v) if v else empty for v in values]
+
+
+_GROUP = 16  # entries screened together by _nonzero_sparse
+
+
+def _nonzero_sparse(flags: Tensor, scratch: Tensor) -> Tensor:
+    """Ascending indices of the non-zeros of 0/1 ``flags`` (m,), when few are non-zero: a sum over
+    groups of _GROUP entries (strided, so that clustered hits spread over groups) screens out
+    the groups without any, and ``nonzero`` scans only the rest (``nonzero`` over every entry costs
+    about 3x the three float kernels of the window test). ``scratch``: (m,) float, overwritten."""
+    m = flags.numel()
+    if m % _GROUP:
+        return flags.nonzero().squeeze(1)
+    groups = m // _GROUP
+    strided = flags.view(_GROUP, groups)  # entry g·groups + j is member g of group j
+    hit = torch.sum(strided, 0, out=scratch[:groups])
+    columns = hit.nonzero().squeeze(1)  # groups with some non-zero
+    members = strided.index_select(1, columns)  # (_GROUP, k)
+    g, j = members.nonzero(as_tuple=True)
+    return (g * groups + columns[j]).sort().values
 
 
 def exact_from_window(given: TiesWindow, partials: Iterator[tuple[int, Tensor, list[Tensor]]]) -> TiesSearch:
@@ -248,9 +300,10 @@ def exact_from_boundary(given: TiesSearch, partials: Iterator[list[Tensor]]) -> 
 def sign_total(task_vectors: Tensor, ctx: UnitContext, given: TiesStats | TiesSearch | None) -> int:
     """Map of stage ``sign``: Σ over the unit's entries of the elected sign s = sign(Σ_t trimmed_t)."""
     thresholds = given.thresholds if given is not None else torch.zeros(())
-    summed = ctx.scratch.get(("ties-sum", id(thresholds)))  # the merge of this unit found it already
-    if summed is None:
-        summed = trim(task_vectors.reshape(task_vectors.shape[0], -1), thresholds).sum(0)
+    found = ctx.scratch.get(("ties-sign-total", id(thresholds)))  # the merge of this unit found it
+    if found is not None:
+        return int(found)
+    summed = trim(task_vectors.reshape(task_vectors.shape[0], -1), thresholds).sum(0)
     return int(torch.sign(summed).sum())
 
 
@@ -311,50 +364,60 @@ def disjoint_mean(trimmed: Tensor, signs: Tensor) -> Tensor:
 
 def global_merge(flat: Tensor, thresholds: Tensor, majority_sign: float | None, ctx: UnitContext) -> Tensor:
     """Steps 1–3 given the global thresholds: the same values, bit for bit, as ``trim``,
-    ``elect_from_sum`` and ``disjoint_mean``, computed task by task on (n)-sized buffers with
-    float-only kernels (no (T, n) temporaries, no boolean masks). (T, n) -> (n).
+    ``elect_from_sum`` and ``disjoint_mean``, computed on blocks of columns that stay in cache,
+    with float-only kernels and the sums over tasks added in task order. (T, n) -> (n).
 
-    With ``majority_sign`` None (the fused sign stage still running) the sums are left in
-    ``ctx.scratch`` for it, and a unit where some entry's trimmed values cancel to exactly 0 is
-    :class:`Deferred`."""
+    With ``majority_sign`` None (the fused sign stage still running) the unit's Σ sign(Σ_t
+    trimmed_t) is left in ``ctx.scratch`` for it, and a unit where some entry's trimmed values
+    cancel to exactly 0 is :class:`Deferred`."""
     num_tasks, n = flat.shape
-    trimmed = torch.empty_like(flat)
-    summed = torch.zeros(n, dtype=flat.dtype, device=flat.device)
-    for t in range(num_tasks):
-        trim_into(flat[t], float(thresholds.reshape(-1)[t if thresholds.numel() > 1 else 0]), trimmed[t])
-        summed.add_(trimmed[t])  # the same order of additions as trimmed.sum(0)
-    if majority_sign is None:  # the fused sign stage reuses the sums
-        ctx.scratch[("ties-sum", id(thresholds))] = summed
-        majority_sign = 1.0
-        zero = (summed == 0).nonzero().squeeze(1)
-        if zero.numel() and bool((trimmed[:, zero] != 0).any()):
-            raise Deferred  # an entry whose trimmed values cancel takes the majority sign
-    # the unit sign of the elected sign: +1 where s > 0 (s = 0 takes the majority), −1 elsewhere
-    unit = torch.sign(summed)
-    unit.add_(0.5 if majority_sign > 0 else -0.5).sign_()
-    unit.nan_to_num_(nan=-1.0)  # a NaN sum (--allow-nonfinite) counts as s ≤ 0, as in disjoint_mean
-    selected = torch.zeros_like(summed)
-    count = torch.zeros_like(summed)
-    agree = torch.empty_like(summed)
-    for t in range(num_tasks):
-        torch.mul(trimmed[t], unit, out=agree)
-        torch.gt(agree, 0, out=agree)  # 1.0 where the trimmed value agrees with the elected sign
-        count.add_(agree)
-        selected.addcmul_(trimmed[t], agree)  # + trimmed·1 or ±0: as (trimmed * agree).sum(0)
-    return selected.div_(count.clamp_(min=1))
-
-
-def trim_into(row: Tensor, threshold: float, out: Tensor) -> None:
-    """Step 1 on one task's (n) values into ``out``: x where |x| ≥ τ, else 0 (as ``trim``; the
-    sign of a trimmed zero never reaches the merged values)."""
-    tau = torch.tensor(threshold, dtype=row.dtype)  # τ in the compute dtype, as ``trim`` compares
-    if math.isnan(threshold):
-        torch.mul(row, 0, out=out)  # |x| ≥ NaN never holds
-    elif not threshold > 0:  # τ = 0 (nothing trimmed) keeps every value, as |x| ≥ 0 does
-        out.copy_(row)
-    else:  # hardshrink keeps |x| > λ: with λ the float just below τ, that is |x| ≥ τ
-        below = float(tau.nextafter(torch.tensor(-math.inf, dtype=row.dtype)))
-        torch.hardshrink(row, below, out=out)
+    tau = thresholds.to(flat.dtype).reshape(-1, 1).expand(num_tasks, 1)  # (T, 1), as ``trim`` compares
+    merged = torch.empty(n, dtype=flat.dtype, device=flat.device)
+    width = min(n, _BLOCK)
+    trimmed, flags = (flat.new_empty(num_tasks, width) for _ in range(2))
+    summed, unit, count = (flat.new_empty(width) for _ in range(3))
+    sign_total, deferred = 0, False
+    for start in range(0, n, _BLOCK):
+        stop = min(n, start + _BLOCK)
+        w = stop - start
+        block, block_trimmed, block_flags = flat[:, start:stop], trimmed[:, :w], flags[:, :w]
+        block_summed, block_unit, block_count = summed[:w], unit[:w], count[:w]
+        # step 1: x where |x| ≥ τ_t, else ±0 (NaN stays NaN), as ``trim``
+        torch.ge(torch.abs(block, out=block_trimmed), tau, out=block_flags)
+        torch.mul(block, block_flags, out=block_trimmed)
+        block_summed.zero_()
+        for t in range(num_tasks):
+            block_summed.add_(block_trimmed[t])  # the same order of additions as trimmed.sum(0)
+        # step 2: the unit sign of the elected sign: +1 where s > 0 (s = 0 takes the majority),
+        # −1 elsewhere
+        if majority_sign is None:  # the fused sign stage's share of this block
+            # does some entry's Σ_t trimmed_t cancel to 0 with a trimmed value ≠ 0? (a dot
+            # product of 0/1 flags and small whole numbers: exact)
+            torch.ne(block_trimmed, 0, out=block_flags)
+            torch.sum(block_flags, 0, out=block_count)  # non-zero trimmed values per entry
+            torch.eq(block_summed, 0, out=block_unit)
+            deferred = deferred or bool(torch.dot(block_unit, block_count) > 0)
+            torch.sign(block_summed, out=block_unit)
+            sign_total += int(block_unit.sum())
+            if deferred:
+                continue  # only the sign stage's sums from here on
+        else:
+            torch.sign(block_summed, out=block_unit)
+        block_unit.add_(0.5 if (majority_sign is None or majority_sign > 0) else -0.5).sign_()
+        block_unit.nan_to_num_(nan=-1.0)  # a NaN sum (--allow-nonfinite) counts as s ≤ 0
+        # step 3: the mean of the trimmed values agreeing with the elected sign
+        torch.mul(block_trimmed, block_unit, out=block_flags)
+        torch.gt(block_flags, 0, out=block_flags)  # 1.0 where the trimmed value agrees
+        torch.sum(block_flags, 0, out=block_count)  # exact: whole numbers ≤ T
+        selected = merged[start:stop].zero_()
+        for t in range(num_tasks):
+            selected.addcmul_(block_trimmed[t], block_flags[t])  # + trimmed·1 or ±0, in task order
+        selected.div_(block_count.clamp_(min=1))
+    if majority_sign is None:
+        ctx.scratch[("ties-sign-total", id(thresholds))] = sign_total
+    if deferred:
+        raise Deferred  # an entry whose trimmed values cancel takes the majority sign
+    return merged
 
 
 @register("ties")
