@@ -334,10 +334,13 @@ def run_job(
     out_lora: int | None = None,
     resource_check: bool = True,
     row_chunks: bool = False,
+    entrywise: bool | None = None,
     **engine: Any,
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
-    then stream every unit to the output (what ``merge`` and ``weave`` share)."""
+    then stream every unit to the output (what ``merge`` and ``weave`` share). ``entrywise``: the
+    method works entry by entry, so it runs with one intra-op thread on the CPU
+    (:func:`~weightweaving.engine.execute.entrywise_threads`); by default, when ``row_chunks``."""
     if out_lora is not None:
         if out is None:
             raise OptionError("--out-lora needs an output folder (--out)")
@@ -354,7 +357,9 @@ def run_job(
     with output_lock(output_path(out)) if out is not None else contextlib.nullcontext():
         job = open_job(pretrained, finetuned, **engine)
         try:
-            with entrywise_threads(job.runner.device, row_chunks):  # see there: memory-bound kernels
+            # entry-by-entry methods (by default those merged in chunks of rows) are bound by memory
+            entrywise_now = row_chunks if entrywise is None else entrywise
+            with entrywise_threads(job.runner.device, entrywise_now):
                 runner = job.runner
                 if resource_check:
                     workers = getattr(runner.executor, "workers", 1)
@@ -556,6 +561,7 @@ def merge(
         shard_size=shard_size,
         resource_check=resource_check,
         row_chunks=chosen.row_chunks(p) and out_lora is None,
+        entrywise=(chosen.row_chunks(p) or chosen.scope_of(p) is Scope.ELEMENTWISE) and out_lora is None,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,

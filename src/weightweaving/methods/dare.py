@@ -53,12 +53,20 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     device, so it is the same on every executor and device. (T, *s) -> (T, *s).
     """
     masked = torch.empty_like(task_vectors)
+    kept = torch.empty(task_vectors.shape[1:])  # (*s), CPU: 1.0 where the entry survives
     for t in range(task_vectors.shape[0]):
         draws = torch.rand(task_vectors.shape[1:], generator=ctx.generator("dare", t))  # (*s), CPU
-        dropped = (draws < p).to(task_vectors.device)
-        masked[t] = task_vectors[t].masked_fill(dropped, 0)
+        row = task_vectors[t]
+        if bool(torch.isfinite(row.sum())):
+            # x·1 or x·0 = ±0, then + 0.0 makes every zero +0 as a masked_fill with 0 would (the
+            # kept −0 too: a −0 task-vector entry has a +0 base, which absorbs either zero);
+            # float kernels, several times faster than a boolean mask
+            torch.ge(draws, p, out=kept)
+            torch.mul(row, kept.to(row.device), out=masked[t]).add_(0.0)
+        else:  # x·0 is NaN for x = ±Inf or NaN (--allow-nonfinite): drop them exactly
+            masked[t] = row.masked_fill((draws < p).to(row.device), 0)
     if rescale and p < 1:
-        masked = torch.div(masked, 1 - p)
+        masked.div_(1 - p)  # in place: the same quotients, no second (T, *s) tensor
     return masked
 
 
