@@ -377,6 +377,9 @@ def global_merge(flat: Tensor, thresholds: Tensor, majority_sign: float | None, 
     trimmed, flags = (flat.new_empty(num_tasks, width) for _ in range(2))
     summed, unit, count = (flat.new_empty(width) for _ in range(3))
     sign_total, deferred = 0, False
+    # every τ_t > 0 (or NaN): a kept value is non-zero, and the kept flags count the non-zero
+    # trimmed values (a NaN trimmed value makes its sum NaN, never 0)
+    positive = not bool((tau <= 0).any())
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         w = stop - start
@@ -393,7 +396,8 @@ def global_merge(flat: Tensor, thresholds: Tensor, majority_sign: float | None, 
         if majority_sign is None:  # the fused sign stage's share of this block
             # does some entry's Σ_t trimmed_t cancel to 0 with a trimmed value ≠ 0? (a dot
             # product of 0/1 flags and small whole numbers: exact)
-            torch.ne(block_trimmed, 0, out=block_flags)
+            if not positive:  # a kept value may be 0 (τ_t ≤ 0): count the non-zero ones
+                torch.ne(block_trimmed, 0, out=block_flags)
             torch.sum(block_flags, 0, out=block_count)  # non-zero trimmed values per entry
             torch.eq(block_summed, 0, out=block_unit)
             deferred = deferred or bool(torch.dot(block_unit, block_count) > 0)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import torch
+
+import weightweaving as ww
+from weightweaving.engine.execute import entrywise_threads
+
+
+def test_entrywise_threads_one_thread_on_the_cpu_then_restored() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with entrywise_threads(torch.device("cpu"), True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with entrywise_threads(torch.device("cpu"), False):  # SVD methods keep PyTorch's setting
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_merge_gives_the_same_bytes_and_leaves_the_threads_as_they_were() -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 48, generator=gen), "b": torch.randn(48, generator=gen)}
+    models = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merged = ww.merge(base, models, "ties", k=0.3, progress=False)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        again = ww.merge(base, models, "ties", k=0.3, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert isinstance(merged, dict) and isinstance(again, dict)
+    for name, tensor in merged.items():
+        assert torch.equal(tensor.view(torch.int32), again[name].view(torch.int32))
