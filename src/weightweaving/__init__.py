@@ -9,6 +9,7 @@ from .api import merge
 from .checkpoints import open_checkpoint
 from .errors import WeightWeavingError
 from .methods import get_method, list_methods
+from .sweep import merge_sweep
 from .weaving import weave
 from .withdata import merge_with_data
 
@@ -18,6 +19,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "merge",
+    "merge_sweep",
     "merge_with_data",
     "open_checkpoint",
     "weave",

@@ -143,6 +143,21 @@ def test_affine_in_lambda(name, drawn, lams):
 
 
 @pytest.mark.parametrize("name", METHODS)
+@settings(max_examples=5, deadline=None)
+@given(data=st.data(), lams=st.lists(st.floats(0.05, 3.0), min_size=1, max_size=3, unique=True))
+def test_a_sweep_equals_the_merge_at_each_lambda(name, data, lams):
+    """``merge_sweep`` (``Method.merge_unit_sweep``: λ-independent work once) equals ``merge`` per λ."""
+    base, tasks = data.draw(models(*tasks_for(name)))
+    sweep = weightweaving.merge_sweep(base, tasks, name, lams, seed=3)
+    assert list(sweep) == lams
+    for lam in lams:
+        want = merge(name, base, tasks, lam=lam, seed=3)
+        assert list(sweep[lam]) == list(want)
+        assert all(sweep[lam][key].dtype == want[key].dtype for key in want)
+        assert_close(sweep[lam], want)
+
+
+@pytest.mark.parametrize("name", METHODS)
 @FEW
 @given(data=st.data(), seed=st.integers(0, 2**32))
 def test_same_seed_gives_the_same_bytes(name, data, seed):

@@ -10,8 +10,8 @@ import torch
 import weightweaving
 from tests.oracles import assert_matches, case_paths, load_case
 from weightweaving.errors import OptionError
-from weightweaving.methods import LamKind, get_method
-from weightweaving.methods.svc import _warn_platform_dependent, calibrate
+from weightweaving.methods import LamKind, UnitContext, get_method
+from weightweaving.methods.svc import _warn_platform_dependent, calibrate, calibrate_sweep
 
 
 def _model(num_tasks=3, seed=0):
@@ -139,3 +139,89 @@ def test_lambda_sweep_merges_svc_at_every_lambda():
         want = weightweaving.merge(base, tasks, method="svc", lam=lam)
         for key in base:
             assert torch.equal(merged[key], want[key])
+
+
+# -- a whole λ sweep from one base merge and one SVD (merge_unit_sweep, merge_sweep) ----------------
+
+SWEEP_LAMS = [0.0, 0.1, 0.35, 1.0, 1.7]
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (5, 9), (12, 12), (1, 7)])
+@pytest.mark.parametrize("num_tasks", [1, 2, 5])
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [{}, {"alpha": 0.05}, {"alpha": 2.0}, {"base": "tsv"}, {"base": "cart"}, {"base": "dare", "p": 0.3}],
+)
+def test_merge_unit_sweep_equals_the_merge_at_each_lambda(shape, num_tasks, hyperparameters):
+    """One SVD serves every λ over a linear base (SVD(λM) = λ·SVD(M)); an affine base (CART) is
+    calibrated per λ from one base merge. Both equal compute_at at each λ up to float rounding."""
+    gen = torch.Generator().manual_seed(num_tasks * 100 + shape[0])
+    common = torch.randn(shape, generator=gen, dtype=torch.float64)
+    tv = common + 0.5 * torch.randn(num_tasks, *shape, generator=gen, dtype=torch.float64)
+    method = get_method("svc")
+    p = method.parse_params(hyperparameters)
+    ctx = UnitContext(name="blocks.0.mlp.fc1.weight", seed=4, shape=shape)
+    got = list(method.merge_unit_sweep(tv, p, SWEEP_LAMS, ctx))
+    assert len(got) == len(SWEEP_LAMS)
+    for lam, merged in zip(SWEEP_LAMS, got, strict=True):
+        want = method.compute_at(tv, p, lam, ctx)
+        torch.testing.assert_close(merged, want, rtol=1e-9, atol=1e-11)
+
+
+def test_merge_unit_sweep_keeps_the_base_output_where_svc_does_not_calibrate():
+    gen = torch.Generator().manual_seed(1)
+    method = get_method("svc")
+    p = method.parse_params({"base": "tsv"})
+    for name, shape in [("blocks.0.attn.out_proj.bias", (6,)), ("positional_embedding", (4, 5))]:
+        tv = torch.randn(3, *shape, generator=gen)
+        ctx = UnitContext(name=name, shape=shape)
+        for lam, merged in zip(SWEEP_LAMS, method.merge_unit_sweep(tv, p, SWEEP_LAMS, ctx), strict=True):
+            assert torch.equal(merged, method.compute_at(tv, p, lam, ctx))
+
+
+def test_calibrate_is_the_sweep_at_lambda_one():
+    """calibrate (the oracles' function) is calibrate_sweep at λ = 1, byte for byte."""
+    gen = torch.Generator().manual_seed(2)
+    tv = torch.randn(4, 7, 5, generator=gen)
+    merged = tv.sum(0)
+    (at_one,) = calibrate_sweep(merged, tv, 0.25, [1.0])
+    assert torch.equal(calibrate(merged, tv, 0.25), at_one)
+
+
+@pytest.mark.parametrize(
+    "hyperparameters", [{}, {"base": "tsv"}, {"base": "ties", "k": 0.5}, {"base": "cart"}]
+)
+def test_merge_sweep_equals_merge_at_each_lambda(hyperparameters):
+    """The public sweep (a global base included: TIES's first passes run once) equals merge per λ."""
+    base, tasks = _model(num_tasks=4)
+    sweep = weightweaving.merge_sweep(base, tasks, "svc", SWEEP_LAMS, progress=False, **hyperparameters)
+    assert list(sweep) == SWEEP_LAMS
+    for lam in SWEEP_LAMS:
+        want = weightweaving.merge(base, tasks, method="svc", lam=lam, progress=False, **hyperparameters)
+        assert list(sweep[lam]) == list(want)
+        for key in want:
+            assert sweep[lam][key].dtype == want[key].dtype
+            torch.testing.assert_close(sweep[lam][key], want[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["mean", "magmax", "random", "median"])
+@pytest.mark.parametrize("base_method", ["task_arithmetic", "tsv", "ties"])
+def test_weave_shares_the_sweep_and_equals_the_per_point_weave(pool, base_method):
+    """weave's NONLINEAR path (one base merge and SVD per matrix) equals closed_form=False (SVC
+    evaluated afresh at every point)."""
+    base, tasks = _model(num_tasks=3, seed=5)
+    kwargs = {"lambdas": [0.1, 0.4, 0.7, 1.0], "pool": pool, "base": base_method, "progress": False}
+    shared = weightweaving.weave(base, tasks, "svc", **kwargs)
+    afresh = weightweaving.weave(base, tasks, "svc", closed_form=False, **kwargs)
+    for key in base:
+        torch.testing.assert_close(shared[key], afresh[key], rtol=1e-5, atol=1e-6)
+
+
+def test_merge_sweep_refuses_bad_lambdas():
+    base, tasks = _model()
+    with pytest.raises(OptionError, match="non-empty list"):
+        weightweaving.merge_sweep(base, tasks, "svc", [])
+    with pytest.raises(OptionError, match="out of range"):
+        weightweaving.merge_sweep(base, tasks, "svc", [0.5, -1.0])
+    with pytest.raises(OptionError, match="finite"):
+        weightweaving.merge_sweep(base, tasks, "svc", [float("nan")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import weightweaving
 from weightweaving.suite import data, train
 from weightweaving.suite.data import Split
 from weightweaving.suite.merging import weave, weave_pools
@@ -94,3 +95,17 @@ def test_coarse_to_fine_finds_the_grid_optimum_with_fewer_points() -> None:
     assert full["tuned"]["lam"] == quick["tuned"]["lam"] == 0.6  # type: ignore[index]
     assert quick["sweep"]["lambdas"] == [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # type: ignore[index]
     assert len(calls) < n_full
+
+
+def test_merge_family_of_a_nonlinear_method_sweeps_once():
+    """SVC's family over its grid: one merge_sweep, each point equal to weightweaving.merge."""
+    from weightweaving.suite.merging import merge_family
+
+    gen = torch.Generator().manual_seed(1)
+    pre = {"a.weight": torch.randn(9, 6, generator=gen), "b.bias": torch.randn(6, generator=gen)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()} for _ in range(3)]
+    family = merge_family(pre, tuned, "svc_tsv", 2, [0.1, 0.5, 1.0])
+    for lam in [0.5, 0.3, 1.0]:  # 0.3 is off the grid: one merge of its own
+        want = weightweaving.merge(pre, tuned, "svc", lam=lam, seed=2, base="tsv", progress=False)
+        for key in pre:
+            torch.testing.assert_close(family(lam)[key], want[key], rtol=1e-5, atol=1e-6)

@@ -263,6 +263,25 @@ class Method:
         form = self.compute(task_vectors, p, ctx)
         return form.at(1.0 if lam is None else lam)
 
+    def merge_unit_sweep(
+        self, task_vectors: Tensor, p: Hyperparameters, lams: Sequence[float], ctx: UnitContext
+    ) -> Iterator[Tensor]:
+        """:meth:`merge_unit` at every λ of ``lams``, in order, one tensor at a time.
+
+        Equal to calling ``merge_unit`` per λ (up to float rounding), with the λ-independent work
+        done once: a method linear, affine or constant in λ computes its form once; a ``NONLINEAR``
+        one calls ``compute_at`` per λ unless it knows better (SVC over a base linear in λ: one base
+        merge and one SVD for every λ). A caller that folds each tensor before asking for the next
+        holds one at a time.
+        """
+        if self.lam_kind is LamKind.NONLINEAR:
+            for lam in lams:
+                yield self.compute_at(task_vectors, p, lam, ctx)
+            return
+        form = self.compute(task_vectors, p, ctx)
+        for lam in lams:
+            yield form.at(lam)
+
 
 def _call_map(
     map_fn: Callable[[Tensor, UnitContext, Any], Any], task_vectors: Tensor, ctx: UnitContext, *, given: Any

@@ -5,13 +5,15 @@ Over-Accumulation in Model Merging", arXiv 2602.05536, ICML 2026; lyymuwu/SVC
 A data-free post-processing of any merge: per weight matrix, each singular direction of the merged
 task vector is divided by how many times over the tasks counted it. λ is the base method's and enters
 before calibration, so SVC is not linear in λ (``LamKind.NONLINEAR``): Weight Weaving evaluates it
-per λ.
+per λ. Over a base linear in λ a whole sweep still needs one base merge and one SVD per matrix
+(:func:`calibrate_sweep`, through :meth:`Svc.merge_unit_sweep`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -76,12 +78,27 @@ def calibrate(merged: Tensor, task_vectors: Tensor, alpha: float) -> Tensor:
     max(‖b_rt‖², 1e-12)``; ``η_r = mean_t max(s_rt, alpha)``; ``M = U diag(σ/η) Vᵀ``.
     merged (m, n), task_vectors (T, m, n) -> (m, n).
     """
+    return next(calibrate_sweep(merged, task_vectors, alpha, [1.0]))
+
+
+def calibrate_sweep(
+    merged: Tensor, task_vectors: Tensor, alpha: float, lams: Sequence[float]
+) -> Iterator[Tensor]:
+    """``calibrate(λ·merged, task_vectors, alpha)`` at every λ of ``lams``, with one SVD.
+
+    ``SVD(λ·M_b) = U diag(λσ) Vᵀ`` and every ``s_rt`` scales with λ (the ``b_rt`` do not depend on
+    it), so per λ only ``η_r(λ) = mean_t max(λ·s_rt, alpha)`` and ``U diag(λσ/η) Vᵀ`` remain; equal
+    to the per-λ calibration up to float rounding (for any real λ: a negative one flips V's signs).
+    merged (m, n) at λ = 1, task_vectors (T, m, n) -> one (m, n) per λ.
+    """
     u, s, vh = thin_svd(merged)  # (m, p), (p), (p, n)
     merged_rows = u.T @ merged  # (p, n): a_r
     task_rows = u.T @ task_vectors  # (T, p, n): b_rt
     coefficients = (task_rows * merged_rows).sum(-1) / task_rows.square().sum(-1).clamp(min=1e-12)  # (T, p)
-    counted = coefficients.clamp(min=alpha).mean(0)  # (p): η_r
-    return (u * (s / counted)) @ vh
+    del task_rows, merged_rows
+    for lam in lams:
+        counted = (lam * coefficients).clamp(min=alpha).mean(0)  # (p): η_r(λ)
+        yield (u * (lam * s / counted)) @ vh
 
 
 @functools.cache
@@ -133,7 +150,35 @@ class Svc(ComposesBase):
         assert isinstance(p, SvcParams)
         method, base_p = self._base(p)
         merged = method.merge_unit(task_vectors, base_p, lam, ctx)  # (*shape): the base's M_b, λ included
-        if not is_weight_matrix(task_vectors) or name_matches(p.calibrate_exclude, ctx.name):
+        if not self._calibrated(task_vectors, p, ctx):
             return merged
-        alpha = p.alpha if p.alpha is not None else (1.0 if p.base == "tsv" else 1 / task_vectors.shape[0])
-        return calibrate(merged, task_vectors, alpha)
+        return calibrate(merged, task_vectors, self._alpha(p, task_vectors.shape[0]))
+
+    def merge_unit_sweep(
+        self, task_vectors: Tensor, p: Hyperparameters, lams: Sequence[float], ctx: UnitContext
+    ) -> Iterator[Tensor]:
+        """Every λ of ``lams`` from one base merge; over a base linear in λ also from one SVD
+        (:func:`calibrate_sweep`), over any other base one calibration per λ."""
+        assert isinstance(p, SvcParams)
+        method, base_p = self._base(p)
+        if not self._calibrated(task_vectors, p, ctx):
+            yield from method.merge_unit_sweep(task_vectors, base_p, lams, ctx)
+            return
+        alpha = self._alpha(p, task_vectors.shape[0])
+        if method.lam_kind is LamKind.LINEAR:
+            yield from calibrate_sweep(
+                method.merge_unit(task_vectors, base_p, 1.0, ctx), task_vectors, alpha, lams
+            )
+            return
+        for merged in method.merge_unit_sweep(task_vectors, base_p, lams, ctx):
+            yield calibrate(merged, task_vectors, alpha)
+
+    @staticmethod
+    def _calibrated(task_vectors: Tensor, p: SvcParams, ctx: UnitContext) -> bool:
+        """True for a 2-D parameter that ``calibrate_exclude`` does not name."""
+        return is_weight_matrix(task_vectors) and not name_matches(p.calibrate_exclude, ctx.name)
+
+    @staticmethod
+    def _alpha(p: SvcParams, num_tasks: int) -> float:
+        """The floor on s_rt: given, else 1.0 over TSV (the repository's run.sh) and 1/T otherwise."""
+        return p.alpha if p.alpha is not None else (1.0 if p.base == "tsv" else 1 / num_tasks)

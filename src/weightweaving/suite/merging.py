@@ -1,7 +1,9 @@
-"""The suite's only door to the library's merging: ``weightweaving.merge`` and ``weightweaving.weave``.
+"""The suite's only door to the library's merging: ``weightweaving.merge``, ``merge_sweep`` and ``weave``.
 
 A λ sweep of a method that declares itself linear (or affine) in λ needs one or two merges, not
 one per grid point: ``M(λ) = λ·g`` (or ``a + λ·b``) is read off the merge at λ = 1 (and λ = 2).
+A ``NONLINEAR`` method (SVC) is merged at every point of its grid at once by
+``weightweaving.merge_sweep``, which does the λ-independent work once.
 """
 
 from __future__ import annotations
@@ -50,9 +52,17 @@ def paper_grid(method: str, setup: str, stride: int = 1) -> list[float]:
 
 
 def merge_family(
-    pretrained: StateDict, finetuned: Sequence[StateDict], method: str, seed: int
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    method: str,
+    seed: int,
+    lams: Sequence[float] | None = None,
 ) -> Callable[[float], StateDict]:
-    """λ -> merged state dict, with as few library merges as the method's λ-form allows."""
+    """λ -> merged state dict, with as few library merges as the method's λ-form allows.
+
+    ``lams``: the points a ``NONLINEAR`` method will be asked for; the first of them asked makes
+    them all in one ``weightweaving.merge_sweep`` (any other λ is one ``merge``).
+    """
     name, hyperparameters = resolve(method)
     kind = weightweaving.get_method(name).lam_kind
     models = list(finetuned)
@@ -73,8 +83,22 @@ def merge_family(
         slope = {k: at_two[k] - at_one[k] for k in pretrained}
         offset = {k: at_one[k] - pretrained[k] - slope[k] for k in pretrained}
         return lambda lam: {k: pretrained[k] + offset[k] + lam * slope[k] for k in pretrained}
-    if kind is LamKind.NONLINEAR:
-        return call  # no closed form: one merge per λ
+    if kind is LamKind.NONLINEAR:  # no closed form: the sweep's λ-independent work shared
+        wanted = [float(lam) for lam in lams or []]
+        made: dict[float, StateDict] = {}
+
+        def at(lam: float) -> StateDict:
+            if lam not in wanted:
+                return call(lam)
+            if not made:
+                made.update(
+                    weightweaving.merge_sweep(
+                        pretrained, models, name, wanted, seed=seed, progress=False, **hyperparameters
+                    )
+                )
+            return made[lam]
+
+        return at
     constant = call(1.0)
     return lambda lam: constant
 
@@ -125,12 +149,13 @@ def weave_pools(
 ) -> dict[str, StateDict]:
     """Weight Weaving with every pool in ``pools`` at once: ``{pool: woven state dict}``.
 
-    ``weightweaving.weave`` computes the method's merge again for each call; for a method linear
-    or affine in λ the members ``A* = Δ ∪ {a + λ_i·b}`` are the same for every pool, so here ``a``
-    and ``b`` are read once off ``family`` (two merges at most) and folded into each pool through the
-    library's own pool objects, member by member in ``weightweaving.weave``'s order (task vectors
-    first). A ``NONLINEAR`` method (SVC) and a pool that is a merge method take ``weightweaving.weave``.
-    Equal to calling ``weave`` once per pool (tests/suite/test_suite.py).
+    ``weightweaving.weave`` computes the method's merge again for each call; the members
+    ``A* = Δ ∪ {f(Δ, λ_i)}`` are the same for every pool, so here they are read once off ``family``
+    (for a method linear or affine in λ ``a`` and ``b``, two merges at most; for a ``NONLINEAR`` one
+    (SVC) its merge at every λ, one ``merge_sweep``) and folded into each pool through the library's
+    own pool objects, member by member in ``weightweaving.weave``'s order (task vectors first). A
+    pool that is a merge method takes ``weightweaving.weave``. Equal to calling ``weave`` once per
+    pool up to float rounding (tests/suite/test_continual.py).
     """
     from weightweaving.methods import LamForm, UnitContext
     from weightweaving.weaving.pools import MethodPool, make_pool
@@ -142,29 +167,44 @@ def weave_pools(
     name, _ = resolve(method)
     kind = weightweaving.get_method(name).lam_kind
     made = {pool: make_pool(pool) for pool in pools}
-    direct = [p for p in pools if kind is LamKind.NONLINEAR or isinstance(made[p], MethodPool)]
+    direct = [p for p in pools if isinstance(made[p], MethodPool)]
     out = {p: weave(pretrained, models, method, lambdas, p, seed) for p in direct}
     folded = [p for p in pools if p not in out]
     if not folded:
         return out
-    family = family or merge_family(pretrained, models, method, seed)
     lams = [float(lam) for lam in lambdas]
-    at_zero, at_one = family(0.0), family(1.0)
+    family = family or merge_family(pretrained, models, method, seed, lams)
+    nonlinear = kind is LamKind.NONLINEAR
+    at_lams = [family(lam) for lam in lams] if nonlinear else []
+    at_zero, at_one = (None, None) if nonlinear else (family(0.0), family(1.0))
     results: dict[str, StateDict] = {p: {} for p in folded}
     for key, base in pretrained.items():
         vectors = [m[key].float() - base.float() for m in models]
-        offset = at_zero[key].float() - base.float()
-        slope = at_one[key].float() - at_zero[key].float()
-        form = LamForm(offset=None if kind is LamKind.LINEAR else offset, slope=slope)
-        if kind is LamKind.NONE:  # no λ: the same member at every point
-            form = LamForm(offset=at_one[key].float() - base.float(), slope=None)
+        # (form, λs) in weightweaving.weave's order: one group for a λ-form, else one member per λ
+        groups: list[tuple[LamForm, tuple[float, ...]]]
+        if nonlinear:
+            groups = [
+                (LamForm(offset=m[key].float() - base.float(), slope=None), (lam,))
+                for m, lam in zip(at_lams, lams, strict=True)
+            ]
+        else:
+            assert at_zero is not None and at_one is not None
+            offset = at_zero[key].float() - base.float()
+            slope = at_one[key].float() - at_zero[key].float()
+            form = LamForm(offset=None if kind is LamKind.LINEAR else offset, slope=slope)
+            if kind is LamKind.NONE:  # no λ: the same member at every point
+                form = LamForm(offset=at_one[key].float() - base.float(), slope=None)
+            groups = [(form, tuple(lams))]
         ctx = UnitContext(name=key, seed=seed, shape=tuple(base.shape))
         for p in folded:
             pool = copy.copy(made[p])
             pool.begin(len(vectors) + len(lams), vectors[0], ctx)
             for index, vector in enumerate(vectors):
                 pool.add(LamForm(offset=vector, slope=None), (None,), index)
-            pool.add(form, lams, len(vectors))
+            index = len(vectors)
+            for form, group_lams in groups:
+                pool.add(form, group_lams, index)
+                index += len(group_lams)
             results[p][key] = (base.float() + pool.result()).to(base.dtype)
     out.update(results)
     return {p: out[p] for p in pools}

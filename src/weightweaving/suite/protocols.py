@@ -169,7 +169,7 @@ def sweep_points(
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
     pools = _with_recommended(pools)
-    families = [_LazyFamily(pretrained, problem, method, seed, Stopwatch()) for problem in found]
+    families = [_LazyFamily(pretrained, problem, method, seed, Stopwatch(), weave_grid) for problem in found]
     out = []  # in score_problems' order without the coarse-to-fine search: the sweep, then the weaves
     for index, family in enumerate(families):
         for lam in grid:
@@ -216,7 +216,7 @@ def score_problems(
     pools = _with_recommended(pools)
     woven: dict[str, Scores] = {pool: {} for pool in pools}
     point = points or (lambda key, compute: compute())
-    families = [_LazyFamily(pretrained, problem, method, seed, clock) for problem in found]
+    families = [_LazyFamily(pretrained, problem, method, seed, clock, weave_grid) for problem in found]
     full = list(grid)
     if coarse_to_fine:
         grid = sorted({*full[::2], full[-1], *([1.0] if 1.0 in full else [])})
@@ -267,17 +267,25 @@ class _LazyFamily:
     """A problem's merges, made on the first point that needs them (a resumed run may need none)."""
 
     def __init__(
-        self, pretrained: StateDict, problem: Problem, method: str, seed: int, clock: Stopwatch
+        self,
+        pretrained: StateDict,
+        problem: Problem,
+        method: str,
+        seed: int,
+        clock: Stopwatch,
+        lams: Sequence[float],
     ) -> None:
         self.pretrained, self.problem, self.method, self.seed = pretrained, problem, method, seed
-        self.clock = clock
+        self.clock, self.lams = clock, list(lams)  # every λ the sweep and the weave may ask for
         self.family: Callable[[float], StateDict] | None = None
         self.woven: dict[str, StateDict] | None = None
 
     def at(self, lam: float) -> StateDict:
         with self.clock("merge"):
             if self.family is None:
-                self.family = merge_family(self.pretrained, self.problem.finetuned, self.method, self.seed)
+                self.family = merge_family(
+                    self.pretrained, self.problem.finetuned, self.method, self.seed, self.lams
+                )
             return self.family(lam)
 
     def evaluate_at(self, lam: float) -> Scores:

@@ -3,7 +3,8 @@
 θ = θ_pre + P(A*) with A* = Δ ∪ {f(Δ, λ_i)} (``pool_over="all"``) or A = {f(Δ, λ_i)} (``"merged"``).
 Per parameter tensor, members are produced and folded into the pool straight away; a method that is
 linear or affine in λ is called once per group of points that differ only in λ; a ``NONLINEAR`` one
-(SVC) once per point, each member folded before the next is made, so memory stays independent of L.
+(SVC) makes each group's members one by one (``Method.merge_unit_sweep``: SVC over a linear base
+shares one base merge and one SVD), each folded before the next, so memory stays independent of L.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class Weaver:
             unit_ctx = with_stats(ctx, stats)
             if self.closed_form and self.method.lam_kind is not LamKind.NONLINEAR:
                 yield self.method.compute(task_vectors, p, unit_ctx), group.lams
+            elif self.closed_form:  # no closed form: the λ-free work once, each member folded in turn
+                sweep = self.method.merge_unit_sweep(task_vectors, p, group.lams, unit_ctx)
+                for lam, member in zip(group.lams, sweep, strict=True):
+                    yield LamForm(offset=member, slope=None), (lam,)
             else:  # the general path: f evaluated afresh at every point, folded straight away
                 for lam in group.lams:
                     yield (
@@ -166,7 +171,8 @@ def weave(
         pool_over: ``all`` (A* = Δ ∪ A, the paper's default) or ``merged`` (A alone).
         search: a grid over other hyperparameters, e.g. ``{"k": [0.1, 0.2]}`` (product with Λ).
         points: explicit hyperparameter sets instead of a grid; each may carry its own ``lam``.
-        closed_form: fold whole λ groups at once (default); ``False`` evaluates the method per point.
+        closed_form: fold whole λ groups at once and share a ``NONLINEAR`` method's λ-free work
+            (default); ``False`` evaluates the method afresh at every point.
         task_weights: scale each Δ_t before everything else (members included): numbers, or
             ``"auto:metagpt"`` / ``"auto:nan"`` (data-free estimates times T, see ``merge``).
         **hyperparameters: fixed hyperparameters of the method; other keywords as in ``merge``.
