@@ -53,18 +53,20 @@ def adam_minimise(
     start: Tensor, gradient: object, steps: int, lr: float, betas: tuple[float, float] = (0.9, 0.999)
 ) -> Tensor:
     """``steps`` updates of ``torch.optim.Adam`` (no weight decay, no amsgrad, eps 1e-8), written out
-    in the order of torch's single-tensor implementation; ``gradient(x)`` gives ∇L at x."""
+    in the order of torch's single-tensor implementation; ``gradient(x)`` gives ∇L at x (it may
+    return the same buffer every time). No tensor is allocated inside the loop."""
     beta1, beta2 = betas
     eps = 1e-8
     x = start.clone()
     first = torch.zeros_like(x)
     second = torch.zeros_like(x)
+    denom = torch.empty_like(x)
     for step in range(1, steps + 1):
         grad = gradient(x)  # type: ignore[operator]
         first.lerp_(grad, 1 - beta1)
         second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
-        denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        torch.sqrt(second, out=denom).div_(math.sqrt(1 - beta2**step)).add_(eps)
         x.addcdiv_(first, denom, value=-step_size)
     return x
 
@@ -75,7 +77,13 @@ def wudi_merge(task_vectors: Tensor, iterations: int, lr: float) -> Tensor:
     if not bool((tv != 0).any()):
         return torch.zeros_like(task_vectors[0])
     gram_sum, cross_sum = interference_grams(tv)  # (n, n), (m, n)
-    merged = adam_minimise(tv.sum(0), lambda m: 2 * (m @ gram_sum - cross_sum), iterations, lr)
+    grad = torch.empty_like(cross_sum)
+
+    def gradient(m: Tensor) -> Tensor:  # 2 (M A − C), into one buffer
+        torch.mm(m, gram_sum, out=grad)
+        return grad.sub_(cross_sum).mul_(2)
+
+    merged = adam_minimise(tv.sum(0), gradient, iterations, lr)
     return merged.to(task_vectors.dtype)
 
 
