@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import mean
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -66,14 +66,24 @@ def problems(zoo: Zoo, setup: str) -> list[Problem]:
     ]
 
 
-def baselines(zoo: Zoo, setup: str) -> dict[str, dict[str, object]]:
-    """Zero-shot heads on the pre-trained encoder, and the individual fine-tuned models."""
+def baselines(
+    zoo: Zoo, setup: str, multitask: dict[str, dict[str, object]] | None = None
+) -> dict[str, dict[str, object]]:
+    """Zero-shot heads on the pre-trained encoder, and the individual fine-tuned models.
+
+    ``multitask``: this zoo's multi-task baselines, which domain generalisation shares (the same
+    models, heads and test sets), so they are not evaluated twice."""
     cfg = zoo.recipe.vit
     if setup in ("multitask", "domain"):
-        zero = {t.name: train.accuracy(cfg, zoo.pretrained, t.test, zoo.heads[t.name]) for t in zoo.tasks}
-        own = {
-            t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name]) for t in zoo.tasks
-        }
+        if multitask is not None:
+            zero = dict(cast(Scores, multitask["zero_shot"]["per_task"]))
+            own = dict(cast(Scores, multitask["individual"]["per_task"]))
+        else:
+            zero = {t.name: train.accuracy(cfg, zoo.pretrained, t.test, zoo.heads[t.name]) for t in zoo.tasks}
+            own = {
+                t.name: train.accuracy(cfg, zoo.finetuned[t.name], t.test, zoo.heads[t.name])
+                for t in zoo.tasks
+            }
         out = {"zero_shot": entry(zero), "individual": entry(own)}
         if setup == "domain":
             out["individual"]["note"] = "oracle: the held-out task's own fine-tuned model"
