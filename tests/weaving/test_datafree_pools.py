@@ -11,6 +11,7 @@ from weightweaving.errors import OptionError
 from weightweaving.methods import LamForm, UnitContext
 from weightweaving.methods.svc import calibrate
 from weightweaving.weaving import make_pool
+from weightweaving.weaving.datafree_pools import spectral_norm
 
 POOLS = [
     "trimmed_mean",
@@ -20,6 +21,7 @@ POOLS = [
     "calibrated",
     "nearest_mean",
     "norm_filtered",
+    "spectral_filtered",
 ]
 
 
@@ -136,6 +138,78 @@ def test_norm_filtered_pools_the_merges_no_larger_than_the_mean_task_vector(meth
         dropped_some |= len(kept) < len(merges)
         torch.testing.assert_close(woven[key] - value, torch.stack(tvs + kept).mean(0), rtol=1e-5, atol=1e-6)
     assert kept_some and dropped_some
+
+
+def test_spectral_filtered_keeps_task_arithmetic_up_to_one_over_t():
+    """T equal task vectors: σ₁(λ·TΔ) ≤ σ₁(Δ) exactly when λ ≤ 1/T, so of λ = 0.1 ... 1.0 with T = 4 the
+    pool keeps 0.1 and 0.2: (4Δ + 0.1·4Δ + 0.2·4Δ) / 6."""
+    delta = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    base = {"w": torch.zeros(2, 2)}
+    tuned = [{"w": delta.clone()} for _ in range(4)]
+    lams = [round(0.1 * i, 1) for i in range(1, 11)]
+    woven = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, pool="spectral_filtered")
+    torch.testing.assert_close(woven["w"], (4 + 0.4 + 0.8) / 6 * delta)
+    with pytest.raises(OptionError, match="needs the task vectors"):
+        weightweaving.weave(
+            base, tuned, "task_arithmetic", lambdas=lams, pool="spectral_filtered", pool_over="merged"
+        )
+
+
+def test_spectral_filtered_measures_the_largest_singular_value_not_the_size():
+    """Task vectors e1·e1ᵀ and 2·e2·e2ᵀ (σ₁ 1 and 2): the identity·2 (σ₁ 2, Frobenius norm 2.83, above
+    both task vectors') is kept, a rank-one member of σ₁ 2.2 (Frobenius norm 2.2) is not."""
+    e1e1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    e2e2 = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    flat, spiky = 2 * torch.eye(2), 2.2 * e1e1
+    got = _pool("spectral_filtered", [flat, spiky], task_vectors=[e1e1, e2e2])
+    torch.testing.assert_close(got, (e1e1 + e2e2 + flat) / 3)
+    assert spectral_norm(torch.ones(3)) == pytest.approx(3**0.5)  # a vector: its length
+    assert spectral_norm(torch.ones(2, 1, 2, 2)) == pytest.approx(8**0.5)  # a conv kernel: (2, 4), rank one
+
+
+@pytest.mark.parametrize("method", ["ties", "svc"])
+def test_spectral_filtered_pools_the_merges_within_the_largest_task_vector(method):
+    """Per tensor, against a brute force over the method's merges (a linear and a non-linear method)."""
+    base, tuned = toy_models(4, seed=5)
+    lams = [0.25 * i for i in range(1, 13)]
+    woven = weightweaving.weave(base, tuned, method, lambdas=lams, pool="spectral_filtered")
+    merges = [weightweaving.merge(base, tuned, method=method, lam=lam, progress=False) for lam in lams]
+    kept_some = dropped_some = False
+    for key, value in base.items():
+        if not value.is_floating_point():
+            continue
+        tvs = [t[key] - value for t in tuned]
+        limit = max(spectral_norm(tv) for tv in tvs)
+        kept = [m[key] - value for m in merges if spectral_norm(m[key] - value) <= limit * (1 + 1e-6)]
+        kept_some |= bool(kept)
+        dropped_some |= len(kept) < len(merges)
+        torch.testing.assert_close(woven[key] - value, torch.stack(tvs + kept).mean(0), rtol=1e-5, atol=1e-6)
+    assert kept_some and dropped_some
+
+
+def test_spectral_filtered_is_the_mean_pool_when_no_merge_overshoots():
+    """Small λ only: every member is within the largest task vector, so the pool is the paper's mean."""
+    base, tuned = toy_models(3, seed=2)
+    lams = [0.01, 0.02, 0.05]
+    got = weightweaving.weave(base, tuned, "ties", lambdas=lams, pool="spectral_filtered")
+    mean = weightweaving.weave(base, tuned, "ties", lambdas=lams, pool="mean")
+    for key in got:
+        torch.testing.assert_close(got[key], mean[key])
+
+
+def test_spectral_filtered_is_scale_free():
+    """Scaling every task vector by c scales the result by c: the filter compares σ₁ with σ₁."""
+    base, tuned = toy_models(3, seed=4)
+    scaled = [
+        {k: base[k] + 10 * (t[k] - base[k]) if base[k].is_floating_point() else t[k] for k in t}
+        for t in tuned
+    ]
+    lams = [0.2 * i for i in range(1, 11)]
+    one = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, pool="spectral_filtered")
+    ten = weightweaving.weave(base, scaled, "task_arithmetic", lambdas=lams, pool="spectral_filtered")
+    for key, value in base.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ten[key] - value, 10 * (one[key] - value), rtol=1e-4, atol=1e-5)
 
 
 def test_calibrated_is_svc_of_the_inner_pool():

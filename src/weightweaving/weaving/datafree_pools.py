@@ -332,3 +332,81 @@ class NormFilteredPool(Pool):
         if self.tvs == 0:
             _needs_task_vectors(self.name, [])
         return ((self.tv_total + self.total) / (self.tvs + self.kept)).to(self.like.dtype)
+
+
+def spectral_norm(tensor: Tensor) -> float:
+    """The largest singular value of a tensor read as a matrix ``(shape[0], -1)``; a vector's length
+    (float64, so the filter below does not depend on the dtype the tensors arrive in)."""
+    x = tensor.detach().double()
+    if x.ndim <= 1:
+        return float(x.norm())
+    return float(torch.linalg.matrix_norm(x.reshape(x.shape[0], -1), ord=2))
+
+
+@register_pool("spectral_filtered")
+class SpectralFilteredPool(Pool):
+    """The mean of the task vectors and of the merged members whose spectral norm is no larger than the
+    largest task vector's: ``mean({Δ_t} ∪ {a_j : σ₁(a_j) ≤ max_t σ₁(Δ_t)})`` per tensor (σ₁: the largest
+    singular value of the tensor as a ``(rows, -1)`` matrix, a vector's length).
+
+    A data-free filter of the search space (the paper's conclusion): a merge that stretches this tensor's
+    strongest direction further than any single fine-tune did is left out of the pool; where no merge
+    does (TSV, ISO-C and TIES at the paper's ranges, mostly) the pool *is* the paper's mean pool. Methods
+    that add task vectors (Breadcrumbs, Task Arithmetic) on aligned tasks, as a continual sequence's,
+    overshoot at large λ and keep only their small-λ merges.
+
+    Streams: the task vectors' sum and largest σ₁, and the kept members' sum. A group linear in λ is
+    filtered in closed form (``σ₁(λ·g) = |λ|·σ₁(g)``); an affine one and a constant are measured per λ,
+    one member at a time. Cost: one singular value decomposition per task vector and per group (per
+    member for affine and non-linear methods), the order of TSV's own. Needs the task vectors first
+    (``pool_over='all'``, the weaver's member order)."""
+
+    _TOLERANCE = 1e-9  # relative: a member equal to the largest task vector is kept
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        self.total = torch.zeros_like(like, dtype=torch.float64)
+        self.count = 0
+        self.tvs = 0
+        self.limit = 0.0
+        self.merged_seen = False
+        self.like = like
+
+    def _keeps(self, size: float) -> bool:
+        return size <= self.limit * (1 + self._TOLERANCE)
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if lams == (None,):
+            if self.merged_seen:
+                raise OptionError(f"pool '{self.name}' needs the task vectors before the merged members")
+            vector = _values(form, None)
+            self.total.add_(vector)
+            self.limit = max(self.limit, spectral_norm(vector))
+            self.tvs += 1
+            self.count += 1
+            return
+        self.merged_seen = True
+        if self.tvs == 0:
+            _needs_task_vectors(self.name, [])
+        values = [1.0 if lam is None else lam for lam in lams]
+        if form.slope is not None and form.offset is None:  # λ·g: one decomposition for every λ
+            size = spectral_norm(form.slope)
+            kept = [lam for lam in values if self._keeps(abs(lam) * size)]
+            self.total.add_(form.slope, alpha=float(sum(kept)))
+            self.count += len(kept)
+            return
+        if form.slope is None:  # the same member at every λ
+            assert form.offset is not None
+            if self._keeps(spectral_norm(form.offset)):
+                self.total.add_(form.offset, alpha=float(len(values)))
+                self.count += len(values)
+            return
+        for lam in values:  # an affine group: each member measured on its own
+            member = form.at(lam)
+            if self._keeps(spectral_norm(member)):
+                self.total.add_(member)
+                self.count += 1
+
+    def result(self) -> Tensor:
+        if self.tvs == 0:
+            _needs_task_vectors(self.name, [])
+        return (self.total / self.count).to(self.like.dtype)
