@@ -112,3 +112,22 @@ def test_linear_in_lambda() -> None:
     form = method.compute(tv, p, UnitContext(name="w", extras={"exemplar_statistics": stats}))
     assert form.offset is None
     torch.testing.assert_close(form.at(0.3), 0.3 * form.at(1.0))
+
+
+def test_a_convolution_takes_the_linear_rule_on_its_patches() -> None:
+    conv = rand(3, 4, 2, 3, 3)  # (T, d_out, C, kh, kw)
+    flat = conv.flatten(2)  # (T, d_out, C·kh·kw): how the hooks order a patch
+    grams = grams_of(rand(20, 18), rand(20, 18), rand(20, 18))
+    stats = ExemplarStatistics(grams={"conv": grams, "linear": grams})
+    out = merged(conv, stats, "conv", c=2, alpha=0.5)
+    assert out.shape == conv.shape[1:]
+    torch.testing.assert_close(out.flatten(1), merged(flat, stats, "linear", c=2, alpha=0.5))
+    # T_i B_k = 0 on the flattened weights for the last k projected (later ones may tilt earlier ones)
+    bases = conflict_bases(flat, grams, alpha=0.5, c=2)
+    projected = project_out(flat, bases)
+    torch.testing.assert_close(projected.sum(0), out.flatten(1))
+    torch.testing.assert_close(bases[2].T @ projected[0], torch.zeros(2, 18, dtype=torch.float64))
+    # convolutions=False: the convolution is summed (Task Arithmetic), linear weights still projected
+    assert torch.equal(merged(conv, stats, "conv", c=2, convolutions=False), conv.sum(0))
+    assert not torch.allclose(merged(flat, stats, "linear", c=2, convolutions=False), flat.sum(0))
+    assert torch.equal(merged(conv, stats, "conv", c=0), conv.sum(0))

@@ -116,7 +116,9 @@ def test_bad_input_is_one_error_and_nothing_written(tmp_path: Path, case: str, m
         image_folder(other, 2, mode="L")
     elif case in ("too_many", "no_hooks"):
         image_folder(other, 2)
-    model: nn.Module = nn.Sequential(nn.Conv2d(3, 1, 1)) if case == "no_hooks" else build_model(CONFIG, 0)
+    model: nn.Module = (
+        nn.Sequential(nn.Conv2d(3, 3, 1, groups=3)) if case == "no_hooks" else build_model(CONFIG, 0)
+    )
     out = tmp_path / "out"
     with pytest.raises(WeightWeavingError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         weightweaving.merge_with_data(

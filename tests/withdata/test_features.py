@@ -85,6 +85,7 @@ def test_suite_vit_attention_and_skipped_out_proj() -> None:
     stats = gather_statistics(model, base, [task], [images])
     block = "transformer.resblocks.0"
     assert set(stats.grams) == {
+        "conv1.weight",  # the patch embedding: a linear map of its patches
         f"{block}.attn.in_proj_weight",
         f"{block}.mlp.c_fc.weight",
         f"{block}.mlp.c_proj.weight",
@@ -104,10 +105,47 @@ def test_suite_vit_attention_and_skipped_out_proj() -> None:
         x = torch.cat([model.class_embedding.expand(3, 1, -1), x], dim=1) + model.positional_embedding
         h = model.transformer.resblocks[0].ln_1(model.ln_pre(x)).reshape(-1, 8)
     torch.testing.assert_close(stats.grams[f"{block}.attn.in_proj_weight"][0], h.T @ h, rtol=1e-5, atol=1e-5)
+    # the patch embedding's Gram: the non-overlapping 4x4 patches of (images - 0.5), C·kh·kw each
+    patches = (images - 0.5).unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 2, 2, 4, 4)
+    rows = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * 4 * 4)
+    torch.testing.assert_close(stats.grams["conv1.weight"][0], rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+class Convolutional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(1, 2))
+        self.depthwise = nn.Conv2d(3, 3, 1, groups=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.depthwise(self.conv(x))
+
+
+def test_a_convolution_is_recorded_as_a_linear_map_of_its_patches() -> None:
+    torch.manual_seed(0)
+    model = Convolutional()
+    base = state_dict_of(model)
+    task = perturbed(base, 5)
+    images = torch.randn(4, 2, 5, 6)
+    stats = gather_statistics(model, base, [task], [images])
+    assert set(stats.grams) == {"conv.weight"}  # the grouped convolution is not hooked
+    assert stats.biases == {"conv.bias"}
+    assert "depthwise" in stats.skipped
+    # manual im2col: the conv's output is weight.flatten(1) applied to each patch column
+    pad = nn.functional.pad(images, (1, 1, 1, 1))
+    columns = []
+    for i in range(0, pad.shape[2] - 3 + 1, 2):  # kernel height 3, stride 2, dilation 1
+        for j in range(0, pad.shape[3] - 3 + 1, 1):  # kernel width 2 with dilation 2 spans 3
+            columns.append(pad[:, :, i : i + 3, j : j + 3 : 2].reshape(4, -1))
+    rows = torch.cat(columns)  # (positions × exemplars, C·kh·kw)
+    torch.testing.assert_close(stats.grams["conv.weight"][0], rows.T @ rows, rtol=1e-5, atol=1e-5)
+    out = nn.functional.conv2d(images, task["conv.weight"], task["conv.bias"], (2, 1), 1, (1, 2))
+    by_columns = torch.stack(columns, 1) @ task["conv.weight"].flatten(1).T + task["conv.bias"]
+    torch.testing.assert_close(by_columns, out.flatten(2).transpose(1, 2))  # same order as unfold
 
 
 def test_no_hookable_layer_is_one_error() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 1, 1))
+    model = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Embedding(3, 2))
     with pytest.raises(WeightWeavingError, match="no hookable layer"):
         hookable_parameters(model)
 

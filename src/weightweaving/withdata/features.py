@@ -5,6 +5,10 @@ task (in batches), and forward pre-hooks record what enters every hookable layer
 
 * ``nn.Linear``: the Gram matrix ``XᵀX`` (d_in × d_in) of its inputs, rows = every token of every
   exemplar; raw features are never kept.
+* ``nn.Conv2d`` (groups 1, zero padding): a convolution is a linear map of its unfolded input patches
+  (im2col), so it is recorded as a linear layer: the Gram of the patches (d_in = C·kh·kw, rows = every
+  output position of every exemplar), in ``F.unfold``'s order, which is the order of
+  ``weight.flatten(1)``. A grouped convolution, or one with another padding mode, is skipped.
 * ``nn.MultiheadAttention`` used as self-attention (query, key and value the same tensor): the Gram of
   that input, for ``in_proj_weight``. Its ``out_proj`` is *skipped*: PyTorch applies it inside
   ``F.multi_head_attention_forward`` without calling the module, so no hook sees its input.
@@ -116,6 +120,13 @@ class _Recorder:
                 self._hook(module, full + ".weight", self._linear)
                 if module.bias is not None:
                     self.biases.add(full + ".bias")
+            elif isinstance(module, nn.Conv2d):
+                if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                    self.skipped[name] = "convolution with groups, a padding mode or string padding"
+                    continue
+                self._hook(module, full + ".weight", self._conv)
+                if module.bias is not None:
+                    self.biases.add(full + ".bias")
             elif isinstance(module, nn.LayerNorm) and module.weight is not None:
                 if len(module.normalized_shape) != 1:
                     self.skipped[name] = "LayerNorm over more than one dimension"
@@ -169,6 +180,20 @@ class _Recorder:
 
     _attention = _linear  # in_proj_weight sees the query input, as a linear layer does
 
+    def _conv(self, key: str, module: nn.Module, x: Tensor) -> None:
+        assert isinstance(module, nn.Conv2d)
+        batch = x.detach().float()
+        batch = batch if batch.dim() == 4 else batch.unsqueeze(0)  # an unbatched (C, H, W) input
+        patches = F.unfold(
+            batch,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,  # type: ignore[arg-type]  # an int pair: string padding is skipped
+            stride=module.stride,
+        )  # (B, C·kh·kw, positions)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        self._add(self.grams, key, rows.T @ rows)
+
     def _norm(self, key: str, module: nn.Module, x: Tensor) -> None:
         assert isinstance(module, nn.LayerNorm)
         normed = F.layer_norm(x.detach().float(), module.normalized_shape, eps=module.eps)
@@ -185,8 +210,8 @@ def hookable_parameters(model: nn.Module, prefix: str = "") -> ExemplarStatistic
     recorder.close()
     if not recorder.handles:
         raise WeightWeavingError(
-            "the model has no hookable layer (nn.Linear, self-attention nn.MultiheadAttention or "
-            "nn.LayerNorm): methods that use data cannot gather exemplar statistics"
+            "the model has no hookable layer (nn.Linear, nn.Conv2d, self-attention nn.MultiheadAttention "
+            "or nn.LayerNorm): methods that use data cannot gather exemplar statistics"
         )
     return ExemplarStatistics(biases=recorder.biases, skipped=recorder.skipped)
 
