@@ -445,7 +445,8 @@ def report(
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, rounds: {args.rounds} "
         "(alternating order); medians, with min–max; peak RSS of the process tree, sampled every 20 ms.",
         "",
-        "| shapes | models | method | tool | time (s) [min–max] | × floor | × peer | CPU s (× floor) | anon MB | file MB | anon × peer |",
+        "| shapes | models | method | tool | time (s) [min–max] | × floor | × peer | CPU s (× floor) "
+        "| anon MB (× floor) | file MB (× floor) | anon, file × peer |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -454,23 +455,26 @@ def report(
                 f"| {r['shapes']} | {r['models']} | {r['method']} | {r['tool']} | failed: {r['error']} | | | | | | |"
             )
             continue
-        floor = index.get(((key(r)), "floor"))
-        x_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor and "seconds" in floor else ""
-        cpu = f"{r['cpu_seconds']:.1f}"
-        if floor and "seconds" in floor:
-            cpu += f" ({r['cpu_seconds'] / floor['cpu_seconds']:.2f})"
+        floor = index.get(((key(r)), "floor")) if r["tool"] != "floor" else None
+        x_floor = _vs_floor(r, floor, "seconds").strip(" ()")
+        cpu = f"{r['cpu_seconds']:.1f}" + _vs_floor(r, floor, "cpu_seconds")
+        anon = f"{r['anon_bytes'] / 1e6:.0f}" + _vs_floor(r, floor, "anon_bytes")
+        file = f"{r['file_bytes'] / 1e6:.0f}" + _vs_floor(r, floor, "file_bytes")
         peers = []
-        anon_peer = []
+        memory_peer = []
         if r["tool"] == "ours":
             for peer in PEERS:
                 other = index.get((key(r), peer))
                 if other and "seconds" in other:
                     peers.append(f"{peer}: {other['seconds'] / r['seconds']:.1f}x faster")
-                    anon_peer.append(f"{peer}: {r['anon_bytes'] / max(other['anon_bytes'], 1):.2f}")
+                    memory_peer.append(
+                        f"{peer}: {r['anon_bytes'] / max(other['anon_bytes'], 1):.2f}, "
+                        f"{r['file_bytes'] / max(other['file_bytes'], 1):.2f}"
+                    )
         lines.append(
             f"| {r['shapes']} | {r['models']} | {r['method']} | {r['tool']} | {r['seconds']:.1f} "
-            f"[{r['min']:.1f}–{r['max']:.1f}] | {x_floor} | {'; '.join(peers)} | {cpu} | {r['anon_bytes'] / 1e6:.0f} | "
-            f"{r['file_bytes'] / 1e6:.0f} | {'; '.join(anon_peer)} |"
+            f"[{r['min']:.1f}–{r['max']:.1f}] | {x_floor} | {'; '.join(peers)} | {cpu} | {anon} | "
+            f"{file} | {'; '.join(memory_peer)} |"
         )
     for peer, why in status.items():
         if why:
@@ -480,6 +484,13 @@ def report(
     (results / f"peers-{stamp}.md").write_text(table)
     (results / f"peers-{stamp}.json").write_text(json.dumps({"rows": rows, "peers": status}, indent=2))
     plot(rows, results / f"peers-{stamp}.png")
+
+
+def _vs_floor(row: dict[str, Any], floor: dict[str, Any] | None, field: str) -> str:
+    """`` (1.23)``: ``row[field]`` as a multiple of the floor's in the same run ('' without one)."""
+    if floor is None or "seconds" not in floor:
+        return ""
+    return f" ({row[field] / max(floor[field], 1e-9):.2f})"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

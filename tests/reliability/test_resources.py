@@ -75,8 +75,8 @@ def test_out_of_memory_is_one_line_with_the_sizes(tmp_path):
     b = _sparse_safetensors(tmp_path / "base.safetensors", shapes)
     ms = [_sparse_safetensors(tmp_path / f"ft{i}.safetensors", shapes) for i in range(2)]
     out = tmp_path / "out"
-    # DARE merges whole tensors (Task Arithmetic would merge 'big' in chunks of rows and fit)
-    merge = ["merge", "--base", b, "--models", *ms, "--method", "dare", "--out", out]
+    # Breadcrumbs ranks whole tensors (Task Arithmetic would merge 'big' in chunks of rows and fit)
+    merge = ["merge", "--base", b, "--models", *ms, "--method", "breadcrumbs", "--out", out]
     limit = 1536 * 2**20  # the CLI with torch loaded takes about 650 MiB of address space
     res = _cli(merge, limit)
     assert_error(

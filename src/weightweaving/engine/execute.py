@@ -223,7 +223,9 @@ class Runner:
             parameter=unit.name,
         )
 
-    def context(self, unit: Unit, base: Tensor | None = None, stats: Any = None) -> UnitContext:
+    def context(
+        self, unit: Unit, base: Tensor | None = None, stats: Any = None, rows: tuple[int, int] | None = None
+    ) -> UnitContext:
         return UnitContext(
             name=unit.name,
             seed=self.seed,
@@ -232,6 +234,7 @@ class Runner:
             shape=unit.shape,
             base=base,
             stored_dtype=unit.base_dtype,
+            rows=rows,
         )
 
     def memory_guard(self, unit: Unit) -> AbstractContextManager[None]:
@@ -246,20 +249,22 @@ class Runner:
         )
 
     def scan(self, fn: Callable[[Tensor, UnitContext], R], desc: str = "scanning") -> list[R]:
-        """``fn(task_vectors, ctx)`` over every merged unit in sorted-name order (a first pass)."""
+        """``fn(task_vectors, ctx)`` over every merged unit in sorted-name order (a first pass); in
+        chunks of rows (``ctx.rows``) where :attr:`row_chunks` allows it, one result per chunk."""
         units = self.plan.merge_units
         self.passes += 1
 
-        def one(unit: Unit) -> R:
-            with self.memory_guard(unit):
-                base, task_vectors = self.load(unit)
-                return fn(task_vectors, self.context(unit, base))
+        def one(piece: Piece) -> R:
+            with self.memory_guard(piece.unit):
+                base, task_vectors = self.load_piece(piece)
+                return fn(task_vectors, self.context(piece.unit, base, rows=piece.rows))
 
+        work = self.pieces(units)
         results = []
         with self._bar(sum(u.numel for u in units) * 4 * (len(self.models) + 1), desc) as bar:
-            for unit, result in zip(units, self.executor.map(one, units), strict=True):
+            for piece, result in zip(work, self.executor.map(one, work), strict=True):
                 results.append(result)
-                bar.update(unit.numel * 4 * (len(self.models) + 1))
+                bar.update(piece.unit.numel * 4 * (len(self.models) + 1) if piece.rows is None else 0)
         return results
 
     def stage_partials(self, stage: Stage, given: Any) -> Iterator[Any]:
@@ -275,7 +280,7 @@ class Runner:
         reuse = self.reuses_buffers
 
         def one(piece: Piece) -> Any:
-            ctx = self.context(piece.unit)
+            ctx = self.context(piece.unit, rows=piece.rows)
             with self.memory_guard(piece.unit):
                 if fraction is not None:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
@@ -395,7 +400,7 @@ class Runner:
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
                 base, task_vectors = self.load_piece(piece, reuse=reuse)
-                ctx = self.context(unit, base)
+                ctx = self.context(unit, base, rows=piece.rows)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
                 except Deferred:
@@ -431,7 +436,8 @@ class Runner:
             for piece in deferred:  # read again: their merge needed what the fused stages found
                 with self.memory_guard(piece.unit):
                     base, task_vectors = self.load_piece(piece, reuse=True)
-                    merged = merged_output(piece, base, task_vectors, self.context(piece.unit, base))
+                    ctx = self.context(piece.unit, base, rows=piece.rows)
+                    merged = merged_output(piece, base, task_vectors, ctx)
                 yield piece.unit.name, piece.rows, merged
         finally:
             self.release_buffers()

@@ -217,7 +217,7 @@ def merge_pieces(
                     out: Tensor | None = runner.base.get(unit.name).to(unit.out_dtype)
                 else:
                     base, task_vectors = runner.load_piece(piece)
-                    ctx = runner.context(unit, base)
+                    ctx = runner.context(unit, base, rows=piece.rows)
                     try:
                         out = _merged(job.unit_fn, unit.name, unit.out_dtype, base, task_vectors, ctx)
                     except Deferred:

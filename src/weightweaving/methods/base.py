@@ -11,6 +11,9 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -125,6 +128,40 @@ def seed_for(seed: int, *salt: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
+# Where the random streams of chunked parameters stand: (stream seed, entries drawn) -> generator
+# state (5 KB each), so the next chunk of rows continues a stream instead of drawing it from the start.
+_STREAMS: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
+_STREAMS_LOCK = threading.Lock()
+_STREAMS_KEPT = 256
+_SKIP_BLOCK = 1 << 22  # draws discarded at a time while moving a stream forward
+
+
+def _stream_at(stream: int, position: int) -> torch.Generator:
+    """A generator seeded with ``stream`` that has made ``position`` 32-bit draws: from the nearest
+    remembered state at or before ``position`` (a chunk before it), else from the seed."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(stream)
+    with _STREAMS_LOCK:
+        known = max((at for seed, at in _STREAMS if seed == stream and at <= position), default=0)
+        state = _STREAMS.get((stream, known))
+    if state is not None:
+        gen.set_state(state)
+    left = position - (known if state is not None else 0)
+    while left > 0:
+        step = min(left, _SKIP_BLOCK)
+        torch.rand(step, generator=gen)  # one 32-bit draw per value
+        left -= step
+    return gen
+
+
+def _remember_stream(stream: int, position: int, gen: torch.Generator) -> None:
+    with _STREAMS_LOCK:
+        _STREAMS[(stream, position)] = gen.get_state()
+        _STREAMS.move_to_end((stream, position))
+        while len(_STREAMS) > _STREAMS_KEPT:
+            _STREAMS.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class UnitContext:
     """Everything a method may know about the unit besides its tensors."""
@@ -138,12 +175,35 @@ class UnitContext:
     scratch: dict[Any, Any] = field(default_factory=dict)
     base: Tensor | None = None  # the base tensor in the compute dtype (read-only), for needs_base methods
     stored_dtype: torch.dtype | None = None  # the base checkpoint's dtype of this parameter
+    rows: tuple[int, int] | None = None  # rows start:stop of the parameter in this call (None: all)
 
     def generator(self, *salt: object) -> torch.Generator:
         """A CPU generator seeded from (seed, parameter name, salt): the same on every executor."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed_for(self.seed, self.name, *salt))
         return gen
+
+    def piece_draws(
+        self,
+        sample: Callable[[tuple[int, ...], torch.Generator], Tensor],
+        shape: tuple[int, ...],
+        *salt: object,
+    ) -> Tensor:
+        """``sample(shape, generator)`` for the entries this call sees, equal to those entries of one
+        draw over the whole parameter from :meth:`generator` ``(*salt)``.
+
+        ``sample`` must take one 32-bit draw per entry, in order (``torch.rand`` in float32,
+        ``torch.randint`` with a range below 2**32): a chunk of rows then starts its stream at its
+        first entry's position, so merging in chunks gives the same bytes as merging whole.
+        """
+        if self.rows is None:
+            return sample(shape, self.generator(*salt))
+        stream = seed_for(self.seed, self.name, *salt)
+        start = self.rows[0] * (math.prod(self.shape[1:]) if self.shape else 1)
+        gen = _stream_at(stream, start)
+        values = sample(shape, gen)
+        _remember_stream(stream, start + math.prod(shape), gen)
+        return values
 
 
 class Method:
@@ -194,7 +254,10 @@ class Method:
     def row_chunks(self, p: Hyperparameters) -> bool:
         """True when each row (first dimension) of the merged tensor depends only on that row of
         the task vectors (given the global statistics): large units are then merged in chunks of
-        rows, so memory is bounded by a chunk, not by the largest tensor. False by default."""
+        rows, so memory is bounded by a chunk, not by the largest tensor. The global first passes
+        (:meth:`stages`, the ``scan`` of :meth:`global_stats`) then see chunks of rows too
+        (``ctx.rows``), and a method drawing random numbers uses :meth:`UnitContext.piece_draws`.
+        False by default."""
         return False
 
     def stages(self, p: Hyperparameters) -> list[Stage]:

@@ -50,12 +50,14 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     """Drop each entry of each Δ_t with probability p, divide the survivors by 1 − p (eq. 2).
 
     Task t's mask is drawn on the CPU from ``ctx.generator("dare", t)`` and moved to the tensor's
-    device, so it is the same on every executor and device. (T, *s) -> (T, *s).
+    device, so it is the same on every executor and device; a chunk of rows (``ctx.rows``) gets
+    the draws of those rows of the whole parameter's stream. (T, *s) -> (T, *s).
     """
     masked = torch.empty_like(task_vectors)
-    kept = torch.empty(task_vectors.shape[1:])  # (*s), CPU: 1.0 where the entry survives
+    shape = tuple(task_vectors.shape[1:])
+    kept = torch.empty(shape)  # (*s), CPU: 1.0 where the entry survives
     for t in range(task_vectors.shape[0]):
-        draws = torch.rand(task_vectors.shape[1:], generator=ctx.generator("dare", t))  # (*s), CPU
+        draws = ctx.piece_draws(_uniform, shape, "dare", t)  # (*s), CPU
         row = task_vectors[t]
         if bool(torch.isfinite(row.sum())):
             # x·1 or x·0 = ±0, then + 0.0 makes every zero +0 as a masked_fill with 0 would (the
@@ -68,6 +70,10 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     if rescale and p < 1:
         masked.div_(1 - p)  # in place: the same quotients, no second (T, *s) tensor
     return masked
+
+
+def _uniform(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    return torch.rand(shape, generator=gen, dtype=torch.float32)  # one 32-bit draw per entry
 
 
 @register("dare")
@@ -101,6 +107,11 @@ class Dare(ComposesBase):
             return scan(lambda tv, ctx: fn(drop_and_rescale(tv, p.p, p.rescale, ctx), ctx))
 
         return method.global_stats(masked_scan, base_p, seed)
+
+    def row_chunks(self, p: Hyperparameters) -> bool:
+        assert isinstance(p, DareParams)
+        method, base_p = self._base(p)
+        return method.row_chunks(base_p)  # the masks are drawn entry by entry (piece_draws)
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, DareParams)

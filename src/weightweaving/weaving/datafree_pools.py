@@ -82,6 +82,7 @@ class TrimmedMeanPool(HeldPool):
 
     settings = TrimmedMeanParams
     trim = 0.2
+    row_chunks = True
 
     def configure(self, p: BaseModel) -> None:
         assert isinstance(p, TrimmedMeanParams)
@@ -94,6 +95,8 @@ class TrimmedMeanPool(HeldPool):
 @register_pool("median")
 class MedianPool(HeldPool):
     """Per entry, the median of the members (the mean of the two middle ones when N is even)."""
+
+    row_chunks = True
 
     def result(self) -> Tensor:
         return _trimmed_mean(self, lambda n: (n - 1) // 2)

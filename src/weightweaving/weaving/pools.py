@@ -25,6 +25,9 @@ class Pool(abc.ABC):
 
     name = ""
     settings: ClassVar[type[BaseModel] | None] = None  # the pool's hyperparameters, if it takes any
+    # True when each entry of the result depends only on that entry of the members (and a random
+    # draw made with ``ctx.piece_draws``): a weave with this pool may then merge in chunks of rows
+    row_chunks: ClassVar[bool] = False
 
     def configure(self, p: BaseModel) -> None:
         """Receive validated hyperparameters (pools with ``settings`` override this)."""
@@ -51,6 +54,7 @@ class MeanPool(Pool):
     """Arithmetic mean of the members: Σ (offset + λ·slope) = n·offset + (Σλ)·slope per group."""
 
     name = "mean"
+    row_chunks = True
 
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
         self.total = torch.zeros_like(like)
@@ -74,6 +78,7 @@ class MagMaxPool(Pool):
     """
 
     name = "magmax"
+    row_chunks = True
 
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
         self.best: Tensor | None = None
@@ -112,12 +117,13 @@ class RandomPool(Pool):
     """Per entry one member drawn uniformly at random (seeded from the seed and parameter name)."""
 
     name = "random"
+    row_chunks = True
 
     def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
-        gen = ctx.generator("weave-random-pool")
-        self.choice = torch.randint(num_members, tuple(like.shape), generator=gen, dtype=torch.int64).to(
-            like.device
-        )
+        def draw(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+            return torch.randint(num_members, shape, generator=gen, dtype=torch.int64)  # 32 bits per entry
+
+        self.choice = ctx.piece_draws(draw, tuple(like.shape), "weave-random-pool").to(like.device)
         self.out = torch.zeros_like(like)
 
     def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:

@@ -25,7 +25,7 @@ from ..engine import Executor, Runner
 from ..errors import OptionError
 from ..methods import LamForm, LamKind, UnitContext, get_method
 from ..methods.base import Scope
-from .pools import MagMaxPool, MeanPool, MethodPool, Pool, make_pool
+from .pools import MethodPool, Pool, make_pool
 from .search import Group, build_groups, parse_lambdas
 
 POOL_OVER = ("all", "merged")
@@ -60,9 +60,7 @@ class Weaver:
     @property
     def row_chunks(self) -> bool:
         """True when every member and the pool work row by row: units are merged in chunks of rows."""
-        return all(self.method.row_chunks(p) for p in self.params) and isinstance(
-            self.pool, (MeanPool, MagMaxPool)
-        )
+        return all(self.method.row_chunks(p) for p in self.params) and self.pool.row_chunks
 
     def prepare(self, runner: Any) -> None:
         """First passes: each group's global statistics, then (for a global pool method) the pool's."""
