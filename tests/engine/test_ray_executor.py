@@ -69,6 +69,23 @@ def test_same_bytes_as_local(ray_cluster, models, tmp_path):
         assert verify(remote) == []  # the manifest covers what the workers wrote
 
 
+def test_chunks_on_workers_same_bytes_as_whole_local(ray_cluster, models, tmp_path, monkeypatch):
+    """Chunks of rows merged on Ray workers (random draws included) give the local whole merge's bytes."""
+    from weightweaving.engine import execute
+
+    base, tuned = models
+    cases = [CASES[2], CASES[4], ("merge", "pcb", {"lam": 1.0})]
+    local = {}
+    for i, (op, method, kwargs) in enumerate(cases):
+        run = weightweaving.merge if op == "merge" else weightweaving.weave
+        local[i] = _files(run(base, tuned, method, out=tmp_path / f"local{i}", **kwargs))
+    monkeypatch.setattr(execute, "CHUNK_BYTES", 3 * 40 * 4 * 7)  # 7 rows of embed.weight per chunk
+    for i, (op, method, kwargs) in enumerate(cases):
+        run = weightweaving.merge if op == "merge" else weightweaving.weave
+        remote = run(base, tuned, method, out=tmp_path / f"ray{i}", executor="ray", **kwargs)
+        assert _files(remote) == local[i], (op, method)
+
+
 def test_exact_fallback_passes_combine_on_the_workers(ray_cluster, monkeypatch):
     """TIES with windows too wide to ship: bucket histograms are summed per task on the workers."""
     from weightweaving.methods import ties
