@@ -121,6 +121,41 @@ def test_fallback_passes_are_exact_when_the_window_is_too_wide(monkeypatch):
     assert all(torch.equal(got[k], want[k]) for k in base)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_the_boundary_pass_ships_counts_not_a_bucket_of_values(monkeypatch, compute_dtype):
+    """bfloat16 weights give task vectors of few distinct values, so the threshold's bucket can hold
+    a large share of every task: in float32 the boundary map returns counts of 65536 slots, and the
+    threshold is still the exact order statistic (float64 keeps the values)."""
+    monkeypatch.setattr(ties, "_WINDOW_CAP", 0)
+    shipped = []
+    real = ties.boundary_values
+
+    def boundary_values(*args):
+        out = real(*args)
+        shipped.extend(v.numel() if v.dtype != torch.int64 else -1 for v in out)
+        return out
+
+    monkeypatch.setattr(ties, "boundary_values", boundary_values)
+    base, tasks = models()
+    base = {k: v.to(torch.bfloat16) for k, v in base.items()}
+    tasks = [{k: (base[k].float() + 0.01 * v).to(torch.bfloat16) for k, v in t.items()} for t in tasks]
+    job = open_job(base, tasks, **{**ENGINE, "compute_dtype": compute_dtype})
+    method = get_method("ties")
+    stats = method_stats(method, method.parse_params({"k": 0.3}), job.runner)
+    assert "boundary" in job.runner.pass_log
+    assert set(shipped) == {-1} if compute_dtype == torch.float32 else -1 not in shipped
+    names = sorted(base)
+    flat = torch.stack(
+        [
+            torch.cat([(t[n].to(compute_dtype) - base[n].to(compute_dtype)).reshape(-1) for n in names])
+            for t in tasks
+        ]
+    ).abs()
+    n = flat.shape[1]
+    want = flat.kthvalue(n - int(n * 0.3), dim=1).values
+    assert torch.equal(stats.thresholds, want) and stats.thresholds.dtype == compute_dtype
+
+
 def test_a_misplaced_window_falls_back_exactly(monkeypatch):
     """A sample that puts every window far from the threshold still gives the exact result."""
     real = ties.place_window

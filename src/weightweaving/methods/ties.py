@@ -57,8 +57,8 @@ class TiesStats:
 # [low, high] of magnitudes around each task's threshold quantile. Stage "window" counts, per task,
 # the magnitudes below the window and keeps those inside it: when the threshold's rank falls inside
 # (the usual case) its exact value is the (rank − below)-th of the kept values. Otherwise two more
-# passes find it exactly: "buckets" counts every magnitude's top 16 bits, "boundary" keeps the values
-# of the threshold's bucket. Stage "sign" (Σ of the elected signs) runs fused with the merge: it
+# passes find it exactly: "buckets" counts every magnitude's top 16 bits, "boundary" counts the low 16
+# bits of the magnitudes in the threshold's bucket (float64: keeps them). Stage "sign" (Σ of the elected signs) runs fused with the merge: it
 # matters only where the trimmed values of an entry sum to exactly 0, and reuses the merge's sums.
 
 _SAMPLE = 1 << 20  # magnitudes per task read to place the window
@@ -267,7 +267,10 @@ def find_buckets(given: TiesSearch, partials: Iterator[Tensor]) -> TiesSearch:
 
 
 def boundary_values(task_vectors: Tensor, ctx: UnitContext, given: TiesSearch) -> list[Tensor]:
-    """Map of stage ``boundary``: per task whose threshold is not found, the magnitudes in its bucket."""
+    """Map of stage ``boundary``: per task whose threshold is not found, what lies in its bucket:
+    in float32 the counts of the magnitudes' low 16 bits (65536,) int64, so that a bucket holding
+    a large share of the values (quantised weights: bfloat16 task vectors take few distinct values)
+    never travels; in float64, the magnitudes themselves."""
     flat = task_vectors.reshape(task_vectors.shape[0], -1)
     bits, width = _magnitude_bits(flat)
     out = []
@@ -276,21 +279,37 @@ def boundary_values(task_vectors: Tensor, ctx: UnitContext, given: TiesSearch) -
             out.append(flat.new_empty(0))
             continue
         assert given.bucket is not None
-        top = (bits[t] >> (width - _TOP)).to(torch.int64)
-        out.append(flat[t].abs()[top == int(given.bucket[t])])
+        inside = (bits[t] >> (width - _TOP)) == int(given.bucket[t])
+        if width == 32:
+            low = (bits[t][inside] & (_BUCKETS - 1)).to(torch.int64)
+            out.append(torch.bincount(low, minlength=_BUCKETS))
+        else:
+            out.append(flat[t].abs()[inside])
     return out
 
 
 def exact_from_boundary(given: TiesSearch, partials: Iterator[list[Tensor]]) -> TiesStats:
-    """Fold of stage ``boundary``: the missed thresholds, each the rank-th value of its bucket."""
+    """Fold of stage ``boundary``: the missed thresholds, each the rank-th value of its bucket (in
+    float32: the bucket's top 16 bits and the low 16 bits at that rank of its counts)."""
     per_task: list[list[Tensor]] = [[] for _ in range(given.thresholds.shape[0])]
+    counts: list[Tensor | None] = [None] * given.thresholds.shape[0]
     for values in partials:
         for t, v in enumerate(values):
-            if v.numel():
+            if v.dtype == torch.int64:
+                counts[t] = v if counts[t] is None else counts[t] + v
+            elif v.numel():
                 per_task[t].append(v)
     thresholds = given.thresholds.clone()
     for t, chunks in enumerate(per_task):
-        if chunks:
+        total = counts[t]
+        if total is not None and int(total.sum()):
+            assert given.bucket is not None
+            rank = torch.tensor([int(given.rank[t])])
+            digit = int(torch.searchsorted(total.cumsum(0), rank, right=True)[0])
+            key = (int(given.bucket[t]) << (32 - _TOP)) | digit  # the magnitude's float32 bits
+            thresholds = thresholds.to(torch.float32)
+            thresholds[t] = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
+        elif chunks:
             bucket = torch.cat(chunks)
             thresholds = thresholds.to(bucket.dtype)
             thresholds[t] = bucket.kthvalue(int(given.rank[t]) + 1).values
