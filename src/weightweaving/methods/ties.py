@@ -296,7 +296,8 @@ def exact_from_boundary(given: TiesSearch, partials: Iterator[list[Tensor]]) -> 
     for values in partials:
         for t, v in enumerate(values):
             if v.dtype == torch.int64:
-                counts[t] = v if counts[t] is None else counts[t] + v
+                held = counts[t]
+                counts[t] = v if held is None else held + v
             elif v.numel():
                 per_task[t].append(v)
     thresholds = given.thresholds.clone()
