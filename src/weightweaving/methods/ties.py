@@ -113,7 +113,8 @@ def sample_magnitudes(task_vectors: Tensor, ctx: UnitContext, given: Any) -> tup
     flat = task_vectors.reshape(task_vectors.shape[0], -1).abs()
     step = max(1, -(-flat.shape[1] // _SAMPLE_PER_UNIT))
     picked = flat[:, ::step].clone()
-    whole = math.prod(ctx.shape) if ctx.shape else flat.shape[1]
+    # what these values stand for: the whole unit (a sample of its rows), or this chunk of rows
+    whole = math.prod(ctx.shape) if ctx.shape and ctx.rows is None else flat.shape[1]
     return picked, whole / max(1, picked.shape[1])
 
 
