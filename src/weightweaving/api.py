@@ -561,7 +561,7 @@ def merge(
         shard_size=shard_size,
         resource_check=resource_check,
         row_chunks=chosen.row_chunks(p) and out_lora is None,
-        entrywise=(chosen.row_chunks(p) or chosen.scope_of(p) is Scope.ELEMENTWISE) and out_lora is None,
+        entrywise=chosen.one_thread(p) and out_lora is None,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 import weightweaving as ww
@@ -19,17 +20,18 @@ def test_entrywise_threads_one_thread_on_the_cpu_then_restored() -> None:
         torch.set_num_threads(before)
 
 
-def test_a_merge_gives_the_same_bytes_and_leaves_the_threads_as_they_were() -> None:
+@pytest.mark.parametrize(("method", "params"), [("ties", {"k": 0.3}), ("breadcrumbs", {"density": 0.3})])
+def test_a_merge_gives_the_same_bytes_and_leaves_the_threads_as_they_were(method, params) -> None:
     gen = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(64, 48, generator=gen), "b": torch.randn(48, generator=gen)}
     models = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        merged = ww.merge(base, models, "ties", k=0.3, progress=False)
+        merged = ww.merge(base, models, method, progress=False, **params)
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
-        again = ww.merge(base, models, "ties", k=0.3, progress=False)
+        again = ww.merge(base, models, method, progress=False, **params)
     finally:
         torch.set_num_threads(before)
     assert isinstance(merged, dict) and isinstance(again, dict)

@@ -260,6 +260,12 @@ class Method:
         False by default."""
         return False
 
+    def one_thread(self, p: Hyperparameters) -> bool:
+        """True when the merge is bound by memory, not arithmetic, so it runs with one PyTorch
+        intra-op thread on the CPU (:func:`~weightweaving.engine.execute.entrywise_threads`).
+        By default: methods merged in chunks of rows and elementwise-scope methods."""
+        return self.row_chunks(p) or self.scope_of(p) is Scope.ELEMENTWISE
+
     def stages(self, p: Hyperparameters) -> list[Stage]:
         """The streamed passes of a global-scope method (see :class:`Stage`); none by default."""
         return []

@@ -141,6 +141,9 @@ class Breadcrumbs(Method):
         assert isinstance(p, BreadcrumbsParams)
         return p.scope == "row"  # each row's band depends on that row alone
 
+    def one_thread(self, p: Hyperparameters) -> bool:
+        return True  # comparisons, counts and a numpy partition: a second thread only spin-waits
+
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, BreadcrumbsParams)
         masked = middle_band(task_vectors, p.density, p.gamma, per_row=p.scope == "row")  # (T, *shape)
