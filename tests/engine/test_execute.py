@@ -37,3 +37,32 @@ def test_a_merge_gives_the_same_bytes_and_leaves_the_threads_as_they_were(method
     assert isinstance(merged, dict) and isinstance(again, dict)
     for name, tensor in merged.items():
         assert torch.equal(tensor.view(torch.int32), again[name].view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("method", "pool", "one_thread"),
+    [
+        ("breadcrumbs", "mean", True),
+        ("ties", "magmax", True),
+        ("tsv", "mean", False),
+        ("breadcrumbs", "nearest_mean", False),
+    ],
+)
+def test_a_weave_runs_on_one_thread_when_its_merges_and_pool_would(
+    monkeypatch, method, pool, one_thread
+) -> None:
+    import weightweaving.api as api
+
+    seen: list[bool] = []
+    original = api.entrywise_threads
+
+    def spy(device, entrywise):
+        seen.append(entrywise)
+        return original(device, entrywise)
+
+    monkeypatch.setattr(api, "entrywise_threads", spy)
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(24, 16, generator=gen)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(24, 16, generator=gen)} for _ in range(3)]
+    ww.weave(base, models, method=method, lambdas=[0.5, 1.0], pool=pool, progress=False)
+    assert seen == [one_thread]

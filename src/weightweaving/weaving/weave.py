@@ -62,6 +62,12 @@ class Weaver:
         """True when every member and the pool work row by row: units are merged in chunks of rows."""
         return all(self.method.row_chunks(p) for p in self.params) and self.pool.row_chunks
 
+    @property
+    def one_thread(self) -> bool:
+        """True when every member's merge runs best on one intra-op thread (``Method.one_thread``) and
+        the pool works row by row: the weave then runs as ``merge`` would."""
+        return all(self.method.one_thread(p) for p in self.params) and self.pool.row_chunks
+
     def prepare(self, runner: Any) -> None:
         """First passes: each group's global statistics, then (for a global pool method) the pool's."""
         member_stats = isinstance(self.pool, MethodPool) and (
@@ -235,6 +241,7 @@ def weave(
         desc="weaving",
         resource_check=resource_check,
         row_chunks=weaver.row_chunks and out_lora is None,
+        entrywise=weaver.one_thread and out_lora is None,
         device=device,
         dtype=dtype,
         compute_dtype=compute_dtype,
