@@ -191,17 +191,35 @@ def score_exemplar_projection(zoo: Zoo, setup: str, stride: int) -> dict[str, An
     grid = paper_grid("exemplar_projection", setup, stride)
     if 1.0 not in grid:
         grid = sorted([*grid, 1.0])
+    full = list(grid)
+    if zoo.recipe.lam_search == "coarse_to_fine" and stride == 1:  # as the data-free methods' sweeps
+        grid = sorted({*full[::2], full[-1], 1.0})
     sweep: dict[float, dict[str, float]] = {lam: {} for lam in grid}
     curve: dict[str, dict[str, float]] = {str(n): {} for n in EXEMPLAR_COUNTS}
-    for problem in data_problems(zoo, setup):
+    found = data_problems(zoo, setup)
+    vectors = []
+    for problem in found:
         vector = cat_vector(zoo, problem, DEFAULT_EXEMPLARS, **CAT)
+        vectors.append(vector)
         for lam in grid:
             sweep[lam].update(problem.evaluate(_at(zoo, vector, lam)))
         if setup == "multitask":
             for count in EXEMPLAR_COUNTS:
                 at_one = _at(zoo, cat_vector(zoo, problem, count, **CAT), 1.0)
                 curve[str(count)].update(problem.evaluate(at_one))
-    best = max(grid, key=lambda lam: (mean(sweep[lam].values()), -abs(lam - 1.0)))
+
+    def best_of() -> float:
+        return max(sweep, key=lambda lam: (mean(sweep[lam].values()), -abs(lam - 1.0)))
+
+    if len(grid) < len(full):  # then the grid neighbours of the coarse best
+        at = full.index(best_of())
+        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in sweep]
+        for lam in near:
+            sweep[lam] = {}
+            for problem, vector in zip(found, vectors, strict=True):
+                sweep[lam].update(problem.evaluate(_at(zoo, vector, lam)))
+        grid = sorted(sweep)
+    best = best_of()
     tuned = _entry(sweep[best]) | {"lam": best, "note": "λ chosen on the evaluation data (privileged)"}
     out = {
         "uses_data": True,
