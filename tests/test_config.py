@@ -85,7 +85,7 @@ def inputs(tmp_path):
         (
             ["--weave", "--pool", "meen"],
             "unknown pool 'meen'; valid pools: mean, random, magmax, trimmed_mean, median, agreement, "
-            "fitted_lambda, calibrated, nearest_mean, norm_filtered, spectral_filtered, breadcrumbs, cart, dare, exemplar_projection, gta, iso_c, iso_cts, "
+            "fitted_lambda, calibrated, nearest_mean, norm_filtered, spectral_filtered, spectral_blended, breadcrumbs, cart, dare, exemplar_projection, gta, iso_c, iso_cts, "
             "model_stock, pcb, "
             "slerp, svc, task_arithmetic, ties, tsv, weight_averaging, wudi; did you mean 'mean'?",
         ),

@@ -59,7 +59,7 @@ class WeaveOptions(BaseModel):
     )
     pool: str = Field(
         "mean",
-        description="mean, random, magmax, trimmed_mean, median, agreement, fitted_lambda, calibrated, nearest_mean, norm_filtered, spectral_filtered, or a method name",
+        description="mean, random, magmax, trimmed_mean, median, agreement, fitted_lambda, calibrated, nearest_mean, norm_filtered, spectral_filtered, spectral_blended, or a method name",
     )
     pool_over: Literal["all", "merged"] = Field(
         "all", description="all = task vectors plus merged; merged = merged only"

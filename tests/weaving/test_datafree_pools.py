@@ -22,6 +22,7 @@ POOLS = [
     "nearest_mean",
     "norm_filtered",
     "spectral_filtered",
+    "spectral_blended",
 ]
 
 
@@ -212,6 +213,65 @@ def test_spectral_filtered_is_scale_free():
             torch.testing.assert_close(ten[key] - value, 10 * (one[key] - value), rtol=1e-4, atol=1e-5)
 
 
+def test_spectral_blended_moves_a_quarter_toward_the_merge_of_average_strength():
+    """T = 4 equal task vectors, Task Arithmetic: spectral_filtered keeps λ = 0.1, 0.2 (dropping the
+    rest); the merge with σ₁ = σ₁(Δ̄) = σ₁(Δ) is λ = 0.25 (Δ itself), between the grid's points, or
+    λ = 0.2 (0.8Δ; 0.3 gives 1.2Δ) among the members given one by one."""
+    delta = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    base = {"w": torch.zeros(2, 2)}
+    tuned = [{"w": delta.clone()} for _ in range(4)]
+    lams = [round(0.1 * i, 1) for i in range(1, 11)]
+    woven = weightweaving.weave(base, tuned, "task_arithmetic", lambdas=lams, pool="spectral_blended")
+    torch.testing.assert_close(woven["w"], (0.75 * (4 + 0.4 + 0.8) / 6 + 0.25) * delta)
+    apart = weightweaving.weave(
+        base, tuned, "task_arithmetic", lambdas=lams, pool="spectral_blended", closed_form=False
+    )
+    torch.testing.assert_close(apart["w"], (0.75 * (4 + 0.4 + 0.8) / 6 + 0.25 * 0.8) * delta)
+    plain = weightweaving.weave(
+        base,
+        tuned,
+        "task_arithmetic",
+        lambdas=lams,
+        pool="spectral_blended",
+        pool_hyperparameters={"blend": 0.0},
+    )
+    torch.testing.assert_close(plain["w"], (4 + 0.4 + 0.8) / 6 * delta)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "svc"])
+def test_spectral_blended_against_a_brute_force(method):
+    """Per tensor: spectral_filtered's mean, blended a quarter toward the merge of σ₁ nearest σ₁(Δ̄)
+    where a member was dropped, and spectral_filtered itself where none was (small λ)."""
+    base, tuned = toy_models(4, seed=5)
+    blended = untouched = 0
+    for lams in ([0.25 * i for i in range(1, 13)], [0.01, 0.02, 0.05]):
+        woven = weightweaving.weave(base, tuned, method, lambdas=lams, pool="spectral_blended")
+        merges = [weightweaving.merge(base, tuned, method=method, lam=lam, progress=False) for lam in lams]
+        for key, value in base.items():
+            if not value.is_floating_point():
+                continue
+            tvs = [t[key] - value for t in tuned]
+            limit = max(spectral_norm(tv) for tv in tvs)
+            members = [m[key] - value for m in merges]
+            kept = [a for a in members if spectral_norm(a) <= limit * (1 + 1e-6)]
+            want = torch.stack(tvs + kept).mean(0)
+            if len(kept) < len(members):
+                target = spectral_norm(torch.stack(tvs).mean(0))
+                if method == "task_arithmetic":  # linear: λ·g with σ₁ = σ₁(Δ̄), within the λ range
+                    g = members[0] / lams[0]
+                    lam = min(max(target / spectral_norm(g), min(lams)), max(lams))
+                    anchor = lam * g
+                else:  # non-linear: the member nearest
+                    sizes = [spectral_norm(a) for a in members]
+                    anchor = members[min(range(len(lams)), key=lambda i: (abs(sizes[i] - target), lams[i]))]
+                want = 0.75 * want + 0.25 * anchor
+                blended += 1
+            else:
+                untouched += 1
+            torch.testing.assert_close(woven[key] - value, want, rtol=1e-5, atol=1e-6)
+    assert blended and untouched
+
+
 def test_calibrated_is_svc_of_the_inner_pool():
     base, tuned = toy_models(3)
     lams = [0.5, 1.0]
@@ -229,7 +289,7 @@ def test_calibrated_is_svc_of_the_inner_pool():
             torch.testing.assert_close(got[key], mean[key])
 
 
-@pytest.mark.parametrize("name", POOLS)
+@pytest.mark.parametrize("name", [n for n in POOLS if n != "spectral_blended"])  # reaches between λs
 def test_closed_form_groups_equal_members_one_by_one(name):
     """A linear method contributes one held tensor for all its λ points, with the same result."""
     base, tuned = toy_models(3)

@@ -413,3 +413,84 @@ class SpectralFilteredPool(Pool):
         if self.tvs == 0:
             _needs_task_vectors(self.name, [])
         return (self.total / self.count).to(self.like.dtype)
+
+
+class SpectralBlendedParams(Hyperparameters):
+    blend: float = Field(
+        0.25, ge=0, le=1, description="share of the σ₁-matched merge where members were dropped"
+    )
+
+
+@register_pool("spectral_blended")
+class SpectralBlendedPool(SpectralFilteredPool):
+    """``spectral_filtered``, moved toward the merge of weight averaging's strength where the filter
+    dropped members: per tensor, if some merged member has ``σ₁(a_j) > max_t σ₁(Δ_t)``, the result is
+    ``(1 − blend)·spectral_filtered + blend·a*`` with ``a*`` the merge whose σ₁ is nearest the mean
+    task vector's, ``|σ₁(a*) − σ₁(Δ̄)|`` smallest (the smaller λ wins ties); otherwise it is
+    ``spectral_filtered`` (so the paper's mean pool wherever no merge overshoots). For a group linear
+    in λ (``λ·g``, λ ≥ 0) ``a*`` may lie between its λ points: ``λ·g`` with ``λ = σ₁(Δ̄)/σ₁(g)``
+    clipped to the group's λ range; members given one by one (``closed_form=False``, non-linear
+    methods) are chosen among.
+
+    Where a method overshoots (sums of aligned task vectors), the kept small-λ merges and the task
+    vectors still hold some of the overshoot's direction at one task's strength; ``a*`` is the merge
+    scaled to the tasks' average instead. Streams as ``spectral_filtered`` does, keeping the best
+    ``a*`` so far (one tensor; a group linear in λ is scored for all its λ in closed form,
+    ``σ₁(λ·g) = |λ|·σ₁(g)``)."""
+
+    settings = SpectralBlendedParams
+    blend = 0.25
+
+    def configure(self, p: BaseModel) -> None:
+        assert isinstance(p, SpectralBlendedParams)
+        self.blend = p.blend
+
+    def begin(self, num_members: int, like: Tensor, ctx: UnitContext) -> None:
+        super().begin(num_members, like, ctx)
+        self.tv_sum = torch.zeros_like(like, dtype=torch.float64)
+        self.dropped = 0
+        self.anchor: tuple[float, float, LamForm, float] | None = None
+
+    def _keeps(self, size: float) -> bool:
+        kept = super()._keeps(size)
+        self.dropped += not kept
+        return kept
+
+    def _consider(self, size: float, lam: float, form: LamForm, at: float) -> None:
+        score = (abs(size - self.target), abs(lam))
+        if self.anchor is None or score < (self.anchor[0], self.anchor[1]):
+            self.anchor = (score[0], score[1], form, at)
+
+    def add(self, form: LamForm, lams: Sequence[float | None], first_index: int) -> None:
+        if lams == (None,):
+            self.tv_sum.add_(_values(form, None))
+        elif not self.merged_seen:
+            self.target = spectral_norm(self.tv_sum / max(1, self.tvs))
+        super().add(form, lams, first_index)
+        if lams == (None,):
+            return
+        values = [1.0 if lam is None else lam for lam in lams]
+        if form.slope is not None and form.offset is None:
+            size = spectral_norm(form.slope)
+            for lam in values:
+                self._consider(abs(lam) * size, lam, form, lam)
+            low, high = min(values), max(values)
+            if size > 0 and low >= 0:  # λ·g between the group's λ points, σ₁ = σ₁(Δ̄) if in range
+                lam = min(max(self.target / size, low), high)
+                self._consider(lam * size, lam, form, lam)
+        elif form.slope is None:
+            assert form.offset is not None
+            size = spectral_norm(form.offset)
+            for lam in values:
+                self._consider(size, lam, form, lam)
+        else:
+            for lam in values:
+                self._consider(spectral_norm(form.at(lam)), lam, form, lam)
+
+    def result(self) -> Tensor:
+        filtered = super().result()
+        if self.dropped == 0 or self.anchor is None or self.blend == 0:
+            return filtered
+        _, _, form, lam = self.anchor
+        anchor = form.at(lam) if form.slope is not None else _values(form, None)
+        return (filtered.double() * (1 - self.blend) + anchor.double() * self.blend).to(self.like.dtype)
