@@ -28,39 +28,50 @@ METHODS: tuple[str, ...] = (
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {"svc_tsv": ("svc", {"base": "tsv"})}
 POOLS: tuple[str, ...] = ("mean", "random", "magmax")
 # Data-free strategies evaluated beside the paper's mean pool in every setup (registered pools). Two
-# streamed pools (each costs one weave and one evaluation per problem): spectral_filtered, and its
-# Frobenius-norm counterpart norm_filtered for comparison; the others registered (nearest_mean,
-# trimmed_mean, median, agreement, fitted_lambda, calibrated) did worse (below, and earlier protocols).
-STRATEGIES: tuple[str, ...] = ("spectral_filtered", "norm_filtered")
+# streamed pools (each costs one weave and one evaluation per problem): spectral_blended, and the
+# spectral_filtered it refines; the others registered (norm_filtered, nearest_mean, trimmed_mean,
+# median, agreement, fitted_lambda, calibrated) did worse (below, and earlier protocols).
+STRATEGIES: tuple[str, ...] = ("spectral_blended", "spectral_filtered")
 # The strategy the suite recommends as the data-free default (results' ``recommended`` variant),
 # and how it was chosen (printed in the report next to this run's own numbers).
 # Full profile, continual protocol v2, the issue's 12 cells (continual and domain x the six paper
 # methods), cells at or above the mean pool / share of the average gap between the mean pool and the
 # best λ closed (report.strategy_scores; best λ over the whole grid 0.1-1.0, where the suite searches
 # coarse to fine; an offline harness weaving the suite's own problems, 2026-12-02, 2 loaded cores):
+#   spectral_blended (spectral_filtered, and where it dropped members 1/4 of the way toward the merge
+#       with σ₁ = σ₁(Δ̄), λ continuous within the grid's range): seed 0 10/12, 55%; seed 1 11/12, 65%;
+#       seed 2 12/12, 52% (the registered pool, re-scored through the library: the same on all three)
+#   the same, half way: seed 0 9/12, 54%; seed 1 11/12, 66%; seed 2 11/12, 57%; a quarter of the way
+#       toward the nearest grid member instead of the continuous λ: seed 0 9/12, 51%; seed 1 10/12, 61%
 #   spectral_filtered (mean of Δ and of the merges with σ₁ <= max_t σ₁(Δ_t), per tensor):
-#       seed 0 11/12, 53%; seed 1 11/12, 49%
-#   the same with members over the bound rescaled onto it, not dropped: seed 0 11/12, 51%; seed 1 10/12, 49%
-#   the same with one bound per model (median over matrices): seed 0 11/12, 49%; matrices only: 11/12, 40%
+#       seed 0 11/12, 53%; seed 1 11/12, 49%; seed 2 11/12, 50%
+#   its bound at 0.75·max_t σ₁(Δ_t): seed 0 6/12, 28%; the mean of its and norm_filtered's results:
+#       seed 0 7/12, 34%; the largest kept merge alone: seed 0 3/12, -80%; half that, half
+#       spectral_filtered: seed 0 6/12, 44%; the mean of the kept merges without Δ: seed 0 4/12, -9%
+#   spectral_filtered with members over the bound rescaled onto it, not dropped: seed 0 11/12, 51%;
+#       seed 1 10/12, 49%; with one bound per model (median over matrices): seed 0 11/12, 49%; matrices only: 11/12, 40%
 #   bound σ₁(Δ̄) instead of max_t σ₁(Δ_t): seed 0 drop 6/12, 18%, rescale 8/12, 50%; mean_t σ₁(Δ_t):
 #       drop 7/12, 34%, rescale 7/12, 51%; a window σ₁(Δ̄) <= σ₁(a_j) <= max_t σ₁(Δ_t): 5/12, -5%
 #   the merge at λ with σ₁(λg) = σ₁(Δ̄) (λ per matrix): seed 0 7/12, 56%; seed 1 6/12, 34%; one λ per
 #       model: seed 0 8/12, 40%; seed 1 5/12, 33%; half that merge, half the mean pool: seed 0 6/12,
 #       61%; seed 1 9/12, 61%; the mean pool over the grid re-centred on that λ: seed 0 7/12, 45%
-#   norm_filtered: seed 0 6/12, 11%; seed 1 7/12, 48%. nearest_mean (the previous default): seed 0
-#       6/12, -143%; seed 1 2/12, -111%. One grid λ from task-vector norms (‖Δ̄‖, mean or max ‖Δ_t‖,
+#   norm_filtered: seed 0 6/12, 11%; seed 1 7/12, 48%; seed 2 10/12, 90%. nearest_mean (the previous
+#       default): seed 0 6/12, -143%; seed 1 2/12, -111%. One grid λ from task-vector norms (‖Δ̄‖, mean or max ‖Δ_t‖,
 #       the least-squares coefficient on Δ̄ or on the last Δ_t): at most 7/12 and a negative share, seed 0.
 # spectral_filtered is the mean pool wherever no merge overshoots (most cells: TSV, ISO-C, TIES and
 # PCB keep every member), so it rarely falls below it; its gain comes from Breadcrumbs in continual
-# learning (sums of aligned task vectors) and MagMax. It did not close half the gap on seed 1 (49%);
-# seed 2's zoo was not ready in time to be scored. Seed 3 (unseen, scored once, not tuned on):
-# spectral_filtered 10/12, 37%; norm_filtered 8/12, 80%.
-RECOMMENDED: str = "spectral_filtered"
+# learning (sums of aligned task vectors) and MagMax. spectral_blended changes only the tensors where
+# members were dropped, and there moves part of the way to the merge of weight averaging's strength,
+# which adds MagMax (domain) and TSV/ISO-C (continual) gains on seeds 1-2. Its margins are small (cells
+# differ by 0.04-0.11 points, one or two images) and the blend weight was picked on seeds 0-2 after
+# seeing 1/2. Seed 3 (seen once before, for spectral_filtered: 10/12, 37%; norm_filtered 8/12, 80%)
+# was NOT used to choose spectral_blended and it has not been scored on it.
+RECOMMENDED: str = "spectral_blended"
 RECOMMENDED_BASIS: str = (
-    "chosen on seeds 0-1 of the full profile (continual protocol v2) as the strategy that stays at or "
-    "above the mean pool in the most cells while closing about half the gap to the best λ "
-    "(seed 0: 11/12 cells, 53%; seed 1: 11/12, 49%); on unseen seed 3, scored once: 10/12, 37% "
-    "(norm_filtered 8/12, 80%): the cells part of the issue's bar met, the gap part not"
+    "chosen on seeds 0-2 of the full profile (continual protocol v2) as the strategy that stays at or "
+    "above the mean pool in at least 10 of the 12 cells while closing at least half the gap to the "
+    "best λ on each design seed (seed 0: 10/12 cells, 55%; seed 1: 11/12, 65%; seed 2: 12/12, 52%; "
+    "spectral_filtered 11/12 53%, 11/12 49%, 11/12 50%); seed 3 was not used to choose it"
 )
 # The head rows a class-incremental fine-tune trains against: "group" its own classes only (MagMax's
 # code), "seen" every class met so far, "all" the benchmark's whole frozen head (its rows are fixed
