@@ -448,6 +448,13 @@ def scale_task_vectors(runner: Runner, spec: str | Sequence[float] | None, recor
         }
 
 
+def check_lam(chosen: Any, number: float | None) -> None:
+    """A λ ``chosen`` accepts: finite and within the method's range (one-line errors)."""
+    if number is not None and not math.isfinite(number):
+        raise OptionError(f"--lambda {number} is not a finite number")
+    chosen.check_lam(number)
+
+
 def merge(
     pretrained: Source,
     finetuned: Sequence[Source],
@@ -530,9 +537,7 @@ def merge(
     if rule is not None and not takes_weights and task_weights is not None:
         raise OptionError(f"--lambda {lam} sets the task weights of '{method}'; do not give task_weights too")
     number = chosen.default_lam if lam is None or rule is not None else float(lam)
-    if number is not None and not math.isfinite(number):
-        raise OptionError(f"--lambda {number} is not a finite number")
-    chosen.check_lam(number)
+    check_lam(chosen, number)
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         chosen.check_num_models(len(finetuned))
     record: dict[str, Any] = {

@@ -7,7 +7,6 @@ A method linear or affine in λ needs no sweep (``merge`` at λ = 1, and 2, give
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .api import _clip_default, method_stats, open_job, with_stats
+from .api import _clip_default, check_lam, method_stats, open_job, with_stats
 from .checkpoints.open import Source
 from .engine import Executor
 from .errors import OptionError
@@ -64,9 +63,7 @@ def merge_sweep(
         raise OptionError("merge_sweep: 'lambdas' must be a non-empty list of numbers")
     lams = [float(lam) for lam in lambdas]
     for lam in lams:
-        if not math.isfinite(lam):
-            raise OptionError(f"--lambda {lam} is not a finite number")
-        chosen.check_lam(lam)
+        check_lam(chosen, lam)
     if not isinstance(finetuned, (str, os.PathLike, Mapping)):
         chosen.check_num_models(len(finetuned))
     engine: dict[str, Any] = {"include": include, "exclude": exclude}
