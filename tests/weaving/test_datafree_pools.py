@@ -328,3 +328,17 @@ def test_bad_pool_hyperparameters():
         make_pool("median", {"trim": 0.1})
     with pytest.raises(OptionError, match="unknown pool"):
         make_pool("calibrated", {"pool": "nope"})
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5), (4, 2, 3, 3), (6,), (0, 4)])
+def test_spectral_norm_is_the_largest_singular_value(shape: tuple[int, ...]) -> None:
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) + shape[0]))
+    if tensor.ndim <= 1:
+        expected = float(tensor.double().norm())
+    elif tensor.numel() == 0:
+        expected = 0.0
+    else:
+        matrix = tensor.double().reshape(shape[0], -1)
+        expected = float(torch.linalg.svdvals(matrix)[0])
+    assert spectral_norm(tensor) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    assert spectral_norm(torch.zeros(shape)) == 0.0

@@ -100,7 +100,8 @@ def baselines(
         seq[run.key] = train.accuracy(cfg, run.sequential[-1], test, head)
     individual = entry(own) if own else {"per_task": {}, "average": float("nan")}
     individual["note"] = (
-        "task-aware: each task's individual model on its own classes' test images and head rows"
+        "task-aware: each task's individual model on its own classes' test images and head rows "
+        "(the splits whose tasks were also fine-tuned one by one)"
     )
     sequential = entry(seq)
     sequential["note"] = "the last model of sequential fine-tuning (no merging)"

@@ -133,9 +133,10 @@ def verdicts(results: Results, diagnostics: Results) -> list[tuple[str, bool, st
             )
         )
     cos = diagnostics.get("cosine", {})
-    if cos and all("individual_mean_offdiag" in c for c in cos.values()):  # reproduce may lack individuals
-        seq = mean(c["sequential_mean_offdiag"] for c in cos.values())
-        ind_cos = mean(c["individual_mean_offdiag"] for c in cos.values())
+    paired = [c for c in cos.values() if "individual_mean_offdiag" in c]  # splits with individuals
+    if paired:
+        seq = mean(c["sequential_mean_offdiag"] for c in paired)
+        ind_cos = mean(c["individual_mean_offdiag"] for c in paired)
         out.append(
             (
                 "sequential fine-tuning gives more correlated task vectors than individual fine-tuning (>= 2x)",
@@ -277,7 +278,7 @@ def _per_task_table(results: Results, setup: str, variant: str) -> list[str]:
     rows += [(m, results[setup][m][variant]) for m in methods]
     rows.append(("individual", results[setup]["individual"]))
     for label, entry in rows:
-        cells = [_f(entry["per_task"][n]) for n in names]
+        cells = [_f(entry["per_task"][n]) if n in entry["per_task"] else "—" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_f(entry['average'])} |")
     return lines
 

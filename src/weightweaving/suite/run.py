@@ -117,17 +117,22 @@ def run_suite(
             "python": platform.python_version(),
         },
     }
+    meta["timings"] = timings
+
+    def save() -> None:  # the results first: a report that fails loses none of them
+        (folder / "results.json").write_text(
+            # setups at the top level: results["continual"]["ties"]["weave"]["average"]
+            json.dumps({**results, "diagnostics": diagnostics, "timings": timings, "meta": meta}, indent=1)
+        )
+        (folder / "config.json").write_text(json.dumps(meta, indent=1))
+
+    save()
     tick = time.perf_counter()
     report.plots(results, diagnostics, folder)
     markdown = report.markdown(results, diagnostics, meta)
     timings["stages"]["report and plots"] = {"wall": round(time.perf_counter() - tick, 1)}
     timings["total"] = {"wall": round(time.perf_counter() - started, 1), "cpu": round(_cpu_so_far(), 1)}
-    meta["timings"] = timings
-    (folder / "results.json").write_text(
-        # setups at the top level: results["continual"]["ties"]["weave"]["average"]
-        json.dumps({**results, "diagnostics": diagnostics, "timings": timings, "meta": meta}, indent=1)
-    )
-    (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    save()
     (folder / "report.md").write_text(markdown + "\n".join(report.timings_section(timings)) + "\n")
     print(report.summary(results, diagnostics))
     print(f"suite ({name}, seed {seed}) done in {finished - started:.0f} s; report: {folder / 'report.md'}")

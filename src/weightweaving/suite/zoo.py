@@ -187,7 +187,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
             sequential = len(jobs)
             jobs.append(chain)
             individual: list[int] | None = None
-            if recipe.cl_individual:
+            if recipe.cl_individual and (
+                recipe.cl_individual_splits is None or n_tasks in recipe.cl_individual_splits
+            ):
                 individual = []
                 for t, group in enumerate(groups):  # individual: every θ_t from θ_pre, its own classes
                     individual.append(len(jobs))
