@@ -1,7 +1,7 @@
 """The suite's recipes: everything that decides a checkpoint or a result, as plain frozen data.
 
-``full`` is the README's main command, ``quick`` a smaller profile (the full one: 11 min 48 s on 2
-cores from nothing, seed 4), ``micro`` exists only for the tests (seconds).
+``full`` is the README's main command, ``quick`` a smaller profile (the full one: 9 min 11 s on 2
+cores from nothing, seed 6), ``micro`` exists only for the tests (seconds).
 """
 
 from __future__ import annotations

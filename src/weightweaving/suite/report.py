@@ -47,9 +47,11 @@ def with_data_section(results: Results) -> list[str]:
     lines = ["", "## Uses data (not data-free)", ""]
     lines.append(
         "These methods see data the data-free ones do not: CAT Merging a few unlabeled training images per "
-        "task, AdaMerging and CART++ the unlabeled test images (multi-task only: test-time adaptation). "
+        "task, AdaMerging and CART++ unlabeled images to minimise their predictions' entropy on (multi-task: "
+        "the test images, test-time adaptation; continual learning: each class group's training images). "
         "Domain generalisation uses no data of the held-out task (CAT's exemplars come from the merged "
-        "tasks); in continual learning CAT's exemplars are each class group's training images."
+        "tasks; AdaMerging and CART++ are not run there); in continual learning CAT's exemplars are each "
+        "class group's training images."
     )
     lines += [
         "",
