@@ -156,6 +156,7 @@ METHODS: dict[str, dict[str, Any]] = {
             "DareTaskArithmetic",
             "fusion_bench.method.dare.task_arithmetic",
             {"scaling_factor": 0.3, "sparsity_ratio": 0.5, "only_on_linear_weights": False},
+            {"trainable": True},  # it merges trainable_state_dict(): parameters that require grad
         ),
     },
     "breadcrumbs": {
@@ -183,6 +184,9 @@ METHODS: dict[str, dict[str, Any]] = {
         ),
     },
     "cart": {"ours": ("merge", "cart", {})},
+    # the same merges on both cores: two engine workers (units in parallel, one thread each)
+    "task_arithmetic 2 workers": {"ours": ("merge", "task_arithmetic", {"lam": 0.3, "workers": 2})},
+    "ties 2 workers": {"ours": ("merge", "ties", {"lam": 1.0, "k": 0.2, "workers": 2})},
     "weave ties 15λ": {"ours": ("weave", "ties", {"lambdas": GRID15, "k": 0.2})},
 }
 
@@ -225,7 +229,7 @@ def module_of(state):
             if not hasattr(node, part):
                 node.add_module(part, nn.Module())
             node = getattr(node, part)
-        node.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+        node.register_parameter(leaf, nn.Parameter(value, requires_grad=spec["trainable"]))
     return root
 
 from fusion_bench.modelpool import BaseModelPool
@@ -234,7 +238,7 @@ for i, path in enumerate(spec["models"]):
     models[f"task{i}"] = module_of(load_file(path))
 algorithm = getattr(importlib.import_module(spec["module"]), spec["cls"])(**spec["kwargs"])
 merged = algorithm.run(BaseModelPool(models))
-save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, spec["out"] + "/model.safetensors")
+save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, spec["out"] + "/model.safetensors")
 """
 
 
@@ -336,8 +340,9 @@ def command(
             "--no-copy-tokenizer",
             "--allow-crimes",
         ]
-    cls, module, kwargs = entry
-    spec = {**files, "out": str(out), "cls": cls, "module": module, "kwargs": kwargs}
+    cls, module, kwargs, *options = entry
+    trainable = bool(options and options[0].get("trainable"))
+    spec = {**files, "out": str(out), "cls": cls, "module": module, "kwargs": kwargs, "trainable": trainable}
     return [str(venv / "bin" / "python"), "-c", FUSION_BENCH, json.dumps(spec)]
 
 

@@ -29,6 +29,35 @@ def test_later_task_wins_ties():
     assert torch.equal(max_magnitude(rounded), reference_fold(rounded))
 
 
+def argmax_pick(task_vectors: torch.Tensor) -> torch.Tensor:
+    """The implementation before the fold: ``argmax`` of |·| over the tasks, flipped so that the later
+    task wins ties (NaN counts as the largest magnitude)."""
+    later_first = task_vectors.flip(0)
+    return later_first.gather(0, later_first.abs().argmax(0, keepdim=True)).squeeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tasks", [1, 2, 8])
+def test_the_fold_gives_the_bytes_of_argmax(dtype: torch.dtype, tasks: int) -> None:
+    gen = torch.Generator().manual_seed(tasks)
+    values = torch.round(torch.randn(tasks, 37, 41, generator=gen) * 3).to(dtype)  # many ties
+    values[..., 0] = 0.0
+    values[tasks // 2, :, 1] = -0.0
+    assert torch.equal(max_magnitude(values), argmax_pick(values))
+    with_nonfinite = values.clone()
+    with_nonfinite[0, 0, 2] = float("nan")
+    with_nonfinite[-1, 0, 2] = 5.0  # a NaN still wins over a later finite value
+    with_nonfinite[:, 1, 3] = float("nan")  # the last of several NaN
+    with_nonfinite[tasks - 1, 2, 4] = float("-inf")
+    with_nonfinite[0, 3, 5] = float("inf")
+    got, expected = max_magnitude(with_nonfinite), argmax_pick(with_nonfinite)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(expected, nan=7.0))
+    real = ~expected.isnan()  # a NaN's sign bit is not a value (kernels may canonicalise it)
+    assert torch.equal(torch.signbit(got[real]), torch.signbit(expected[real]))
+    assert bool(torch.isnan(got[0, 2])) == (tasks > 1)  # one task: the 5.0 overwrote its NaN
+
+
 def test_default_lambda_and_no_hyperparameters():
     method = get_method("magmax")
     assert method.default_lam == 0.5

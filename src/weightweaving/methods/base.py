@@ -147,9 +147,11 @@ def _stream_at(stream: int, position: int) -> torch.Generator:
     if state is not None:
         gen.set_state(state)
     left = position - (known if state is not None else 0)
+    discard = torch.empty(min(left, _SKIP_BLOCK)) if left > 0 else None  # one buffer per skip
     while left > 0:
+        assert discard is not None
         step = min(left, _SKIP_BLOCK)
-        torch.rand(step, generator=gen)  # one 32-bit draw per value
+        torch.rand(step, generator=gen, out=discard[:step])  # one 32-bit draw per value
         left -= step
     return gen
 

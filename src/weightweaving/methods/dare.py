@@ -56,8 +56,15 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     masked = torch.empty_like(task_vectors)
     shape = tuple(task_vectors.shape[1:])
     kept = torch.empty(shape)  # (*s), CPU: 1.0 where the entry survives
+    # one buffer for every task's draws: allocating them task after task fragmented the C heap
+    # (glibc arenas of the engine's threads) until the process held 3x the memory it used
+    buffer = torch.empty(shape)
+
+    def uniform(size: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        return torch.rand(size, generator=gen, dtype=torch.float32, out=buffer)
+
     for t in range(task_vectors.shape[0]):
-        draws = ctx.piece_draws(_uniform, shape, "dare", t)  # (*s), CPU
+        draws = ctx.piece_draws(uniform, shape, "dare", t)  # (*s), CPU
         row = task_vectors[t]
         if bool(torch.isfinite(row.sum())):
             # x·1 or x·0 = ±0, then + 0.0 makes every zero +0 as a masked_fill with 0 would (the

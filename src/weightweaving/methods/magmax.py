@@ -5,6 +5,7 @@ Reference: danielm1405/magmax ``merge_max_abs`` (fold over tasks with ``>=``: th
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Hyperparameters, LamForm, LamKind, Method, Scope, UnitContext, paper_ranges
@@ -16,10 +17,28 @@ class MagMaxParams(Hyperparameters):
 
 
 def max_magnitude(task_vectors: Tensor) -> Tensor:
-    """Per entry, the value with the largest |·|; on equal magnitudes the later task. (T, *s) -> (*s)."""
-    later_first = task_vectors.flip(0)  # argmax returns the first maximum: flip so the last task is first
-    pick = later_first.abs().argmax(0, keepdim=True)  # (1, *s)
-    return later_first.gather(0, pick).squeeze(0)
+    """Per entry, the value with the largest |·|; on equal magnitudes the later task. (T, *s) -> (*s).
+
+    A running maximum over the tasks (the reference's fold with ``>=``), on buffers reused task after
+    task: each step reads one task vector, never a (T, *s) temporary. A NaN counts as the largest
+    magnitude (the last task holding one wins), as ``argmax`` over the tasks counted it before; the
+    check for NaN runs only where the unit is not all finite.
+    """
+    best = task_vectors[0].clone()
+    if task_vectors.shape[0] == 1:
+        return best
+    finite = bool(torch.isfinite(task_vectors.sum()))  # a NaN anywhere makes the sum NaN
+    best_size = best.abs()
+    size = torch.empty_like(best_size)
+    take = torch.empty(best.shape, dtype=torch.bool, device=best.device)
+    for t in range(1, task_vectors.shape[0]):
+        torch.abs(task_vectors[t], out=size)
+        torch.ge(size, best_size, out=take)
+        if not finite:
+            take.logical_or_(size.isnan())
+        torch.where(take, task_vectors[t], best, out=best)
+        torch.where(take, size, best_size, out=best_size)
+    return best
 
 
 @register("magmax")

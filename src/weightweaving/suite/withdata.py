@@ -97,6 +97,9 @@ LEARNING = {"adamerging": ADAMERGING, "cart_adamerging": CART_ADAMERGING}
 # (AdaMerging) and 321 s (CART++) at split 5-20 on the previous protocol, more than the time budget,
 # so there a step draws the images of five tasks' batches spread over all the split's tasks
 # (:data:`CONTINUAL_TASKS_PER_STEP`; at least 4 images a task) and CART++ uses AdaMerging's batch size.
+# Full profile, seed 6 (unseen), all three splits, 2 idle cores: AdaMerging 22.6 CPU s, 18.1 against
+# Task Arithmetic's 8.7 at λ = 1; CART++ 24.2 CPU s, 33.4 against CART's 36.1 (below it: entropy
+# minimisation on class-incremental tasks whose head covers every class pulls coefficients down).
 LEARNED_SETUPS: tuple[str, ...] = ("multitask", "continual")
 CONTINUAL_TASKS_PER_STEP = 5
 
