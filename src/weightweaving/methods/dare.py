@@ -61,7 +61,7 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     buffer = torch.empty(shape)
 
     def uniform(size: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        return torch.rand(size, generator=gen, dtype=torch.float32, out=buffer)
+        return torch.rand(size, generator=gen, dtype=torch.float32, out=buffer)  # 32 bits per entry
 
     for t in range(task_vectors.shape[0]):
         draws = ctx.piece_draws(uniform, shape, "dare", t)  # (*s), CPU
@@ -77,10 +77,6 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     if rescale and p < 1:
         masked.div_(1 - p)  # in place: the same quotients, no second (T, *s) tensor
     return masked
-
-
-def _uniform(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-    return torch.rand(shape, generator=gen, dtype=torch.float32)  # one 32-bit draw per entry
 
 
 @register("dare")
