@@ -93,8 +93,38 @@ def test_coarse_to_fine_finds_the_grid_optimum_with_fewer_points() -> None:
     n_full = len(calls)
     quick = run(True)
     assert full["tuned"]["lam"] == quick["tuned"]["lam"] == 0.6  # type: ignore[index]
-    assert quick["sweep"]["lambdas"] == [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # type: ignore[index]
+    # every third point, then the best's neighbours (0.6, 0.8), then 0.6's other neighbour
+    assert quick["sweep"]["lambdas"] == [0.1, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]  # type: ignore[index]
     assert len(calls) < n_full
+
+
+@pytest.mark.parametrize("peak", [0.1, 0.2, 0.35, 0.5, 0.9, 1.0, 1.3, 2.5])
+@pytest.mark.parametrize("width", [0.05, 1.0])
+def test_search_grid_finds_a_single_peak_of_any_grid(peak: float, width: float) -> None:
+    from weightweaving.suite.merging import paper_grid
+    from weightweaving.suite.protocols import best_lam, search_grid
+
+    for grid in (paper_grid("task_arithmetic", "multitask"), paper_grid("pcb", "multitask")):
+        asked: list[float] = []
+
+        def evaluate(lams: list[float], asked: list[float] = asked) -> dict[float, float]:
+            assert not set(lams) & set(asked)  # no point twice
+            asked.extend(lams)
+            return {lam: -abs(lam - peak) / width for lam in lams}
+
+        seen = search_grid(grid, evaluate)
+        assert set(seen) == set(asked) <= set(grid) and 1.0 in seen and grid[0] in seen and grid[-1] in seen
+        assert best_lam(seen) == best_lam({lam: -abs(lam - peak) / width for lam in grid})
+        assert len(seen) < len(grid)
+
+
+def test_search_grid_stops_at_a_local_peak() -> None:
+    from weightweaving.suite.protocols import search_grid
+
+    grid = [round(0.1 * i, 1) for i in range(1, 11)]
+    values = dict(zip(grid, [5, 1, 0, 0, 9, 9, 0, 0, 0, 0], strict=True))  # 0.1 the coarse best; 0.5 missed
+    seen = search_grid(grid, lambda lams: {lam: values[lam] for lam in lams})
+    assert sorted(seen) == [0.1, 0.2, 0.4, 0.7, 1.0]
 
 
 def test_merge_family_of_a_nonlinear_method_sweeps_once():

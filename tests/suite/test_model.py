@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from weightweaving.suite import train
 from weightweaving.suite.data import Split
-from weightweaving.suite.model import ViTConfig, build_model, encode, state_dict_of
+from weightweaving.suite.model import ViTConfig, build_model, encode, functional_forward, state_dict_of
 
 CONFIGS = [ViTConfig(), ViTConfig(width=32, layers=1, heads=2, mlp_ratio=2, embed_dim=16)]
 
@@ -58,6 +58,27 @@ def test_class_token_only_has_the_same_output_and_gradients(config: ViTConfig) -
     short.square().sum().backward()
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_functional_forward_has_the_modules_output_and_gradients(config: ViTConfig) -> None:
+    """Fine-tuning and AdaMerging differentiate the written-out forward instead of the module."""
+    model = build_model(config, 2)
+    model.load_state_dict(_perturbed(config, 2))
+    images = torch.rand(
+        11, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(4)
+    )
+    model(images).square().sum().backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    params = dict(model.named_parameters())
+    out = functional_forward(config, params, images)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)
+    assert set(expected) == set(params)
+    for name, p in params.items():
         assert p.grad is not None
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 

@@ -185,9 +185,9 @@ class Recipe:
     strategies: tuple[str, ...] = STRATEGIES  # data-free pools evaluated in every setup ...
     # ... for these methods (the ones the strategies' recommendation is made on; time budget)
     strategy_methods: tuple[str, ...] = ("task_arithmetic", *PAPER_METHODS)
-    # "grid": every point of the paper's λ grid; "coarse_to_fine": every other point, then the two
-    # neighbours of the best (about 40% fewer evaluations; on the previous full run, seed 0, it found
-    # the full grid's tuned λ in 33 of 36 (setup, method) cells, the 3 others within 0.08 points)
+    # "grid": every point of the paper's λ grid; "coarse_to_fine": protocols.search_grid, a hill climb
+    # from every third point (an earlier form, every other point and the best's two neighbours, found
+    # the full grid's tuned λ in 33 of 36 (setup, method) cells on seed 0, the 3 others within 0.08)
     lam_search: str = "coarse_to_fine"
     grid_stride: int = 1  # take every k-th point of the paper's λ grid (quick profiles)
     interference_lams: tuple[float, ...] = (0.3, 1.0)

@@ -216,45 +216,36 @@ def score_problems(
     checkpoint paths (read lazily by the merge). ``points(key, compute)`` may answer a point from a
     store of earlier results (a resumed run, or points computed elsewhere: one Ray task each); a problem's merges are made only when a point needs them.
     ``clock`` sums the seconds of the merges, the sweep's evaluations, the weave and each pool's evaluation.
-    ``coarse_to_fine``: evaluate every other point of the grid (and both ends, and λ = 1), then the grid
-    neighbours of the best: the tuned λ is the full grid's wherever the average has no peak narrower
-    than two grid steps (the sweep then lists the points evaluated).
+    ``coarse_to_fine``: :func:`search_grid` instead of every point (the sweep then lists the points
+    evaluated).
     """
     clock = clock or Stopwatch()
     grid = paper_grid(method, setup, stride)
     weave_grid = paper_grid(method, setup, 1)
-    sweep: dict[float, Scores]
     pools = _with_recommended(pools)
     woven: dict[str, Scores] = {pool: {} for pool in pools}
     point = points or (lambda key, compute: compute())
     families = [_LazyFamily(pretrained, problem, method, seed, clock, weave_grid) for problem in found]
-    full = list(grid)
-    if coarse_to_fine:
-        grid = sorted({*full[::2], full[-1], *([1.0] if 1.0 in full else [])})
-    sweep = {lam: {} for lam in grid}
+    sweep: dict[float, Scores] = {}
 
-    def evaluate(lams: list[float]) -> None:
-        for index, family in enumerate(families):
-            for lam in lams:
+    def evaluate(lams: list[float]) -> dict[float, float]:
+        for lam in lams:
+            sweep[lam] = {}
+            for index, family in enumerate(families):
                 key = f"{setup}/{method}/{index}/lam={lam}"
                 sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
+        return {lam: mean(sweep[lam].values()) for lam in lams}
 
-    def best_of() -> float:
-        averages = {lam: mean(scores.values()) for lam, scores in sweep.items()}
-        return max(averages, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
-
-    evaluate(grid)
     if coarse_to_fine:
-        at = full.index(best_of())
-        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in sweep]
-        sweep.update({lam: {} for lam in near})
-        evaluate(near)
-        grid = sorted(sweep)
+        search_grid(grid, evaluate)
+    else:
+        evaluate(grid)
+    grid = sorted(sweep)
     for index, family in enumerate(families):
         for pool in pools:
             key = f"{setup}/{method}/{index}/weave={pool}"
             woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pools, pool)))
-    best = best_of()
+    best = best_lam({lam: mean(scores.values()) for lam, scores in sweep.items()})
     tuned = entry(sweep[best])
     tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
     names = list(sweep[grid[0]])
@@ -319,6 +310,35 @@ class _LazyFamily:
                 )
         with self.clock(f"pool:{pool}"):
             return self.problem.evaluate(self.woven.pop(pool))
+
+
+SEARCH_STRIDE = 3  # the first pass of search_grid: every third point of the grid
+
+
+def best_lam(averages: dict[float, float]) -> float:
+    """The λ of the highest average (ties: the one nearest 1)."""
+    return max(averages, key=lambda lam: (averages[lam], -abs(lam - 1.0)))
+
+
+def search_grid(
+    grid: Sequence[float], evaluate: Callable[[list[float]], dict[float, float]], stride: int = SEARCH_STRIDE
+) -> dict[float, float]:
+    """The averages of the grid's points a hill climb evaluates, to find the grid's best λ cheaply.
+
+    ``evaluate(lams)`` scores points and gives their averages. First every ``stride``-th point, both
+    ends and λ = 1 (the data-free setting is always reported); then, while a grid neighbour of the best
+    point so far is unscored, those neighbours. It stops at a point better than both grid neighbours,
+    the full grid's best wherever the average has a single peak.
+    """
+    full = list(grid)
+    first = sorted({*full[::stride], full[-1], *([1.0] if 1.0 in full else [])})
+    seen = dict(evaluate(first))
+    while True:
+        at = full.index(best_lam(seen))
+        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in seen]
+        if not near:
+            return seen
+        seen.update(evaluate(near))
 
 
 def _argmax(grid: list[float], values: list[float]) -> float:

@@ -42,7 +42,7 @@ from ..withdata.adamerging import cart_directions, learn_coefficients, task_vect
 from ..withdata.features import gather_statistics
 from . import protocols, train
 from .merging import paper_grid
-from .model import build_model
+from .model import VisionTransformer, build_model, functional_forward
 from .parallel import fork_map
 from .zoo import StateDict, Zoo
 
@@ -196,35 +196,30 @@ def score_exemplar_projection(zoo: Zoo, setup: str, stride: int) -> dict[str, An
     grid = paper_grid("exemplar_projection", setup, stride)
     if 1.0 not in grid:
         grid = sorted([*grid, 1.0])
-    full = list(grid)
-    if zoo.recipe.lam_search == "coarse_to_fine" and stride == 1:  # as the data-free methods' sweeps
-        grid = sorted({*full[::2], full[-1], 1.0})
-    sweep: dict[float, dict[str, float]] = {lam: {} for lam in grid}
+    sweep: dict[float, dict[str, float]] = {}
     curve: dict[str, dict[str, float]] = {str(n): {} for n in EXEMPLAR_COUNTS}
     found = data_problems(zoo, setup)
     vectors = []
     for problem in found:
-        vector = cat_vector(zoo, problem, DEFAULT_EXEMPLARS, **CAT)
-        vectors.append(vector)
-        for lam in grid:
-            sweep[lam].update(problem.evaluate(_at(zoo, vector, lam)))
+        vectors.append(cat_vector(zoo, problem, DEFAULT_EXEMPLARS, **CAT))
         if setup == "multitask":
             for count in EXEMPLAR_COUNTS:
                 at_one = _at(zoo, cat_vector(zoo, problem, count, **CAT), 1.0)
                 curve[str(count)].update(problem.evaluate(at_one))
 
-    def best_of() -> float:
-        return max(sweep, key=lambda lam: (mean(sweep[lam].values()), -abs(lam - 1.0)))
-
-    if len(grid) < len(full):  # then the grid neighbours of the coarse best
-        at = full.index(best_of())
-        near = [full[i] for i in (at - 1, at + 1) if 0 <= i < len(full) and full[i] not in sweep]
-        for lam in near:
+    def evaluate(lams: list[float]) -> dict[float, float]:
+        for lam in lams:
             sweep[lam] = {}
             for problem, vector in zip(found, vectors, strict=True):
                 sweep[lam].update(problem.evaluate(_at(zoo, vector, lam)))
-        grid = sorted(sweep)
-    best = best_of()
+        return {lam: mean(sweep[lam].values()) for lam in lams}
+
+    if zoo.recipe.lam_search == "coarse_to_fine" and stride == 1:  # as the data-free methods' sweeps
+        protocols.search_grid(grid, evaluate)
+    else:
+        evaluate(grid)
+    grid = sorted(sweep)
+    best = protocols.best_lam({lam: mean(scores.values()) for lam, scores in sweep.items()})
     tuned = _entry(sweep[best]) | {"lam": best, "note": "λ chosen on the evaluation data (privileged)"}
     out = {
         "uses_data": True,
@@ -240,11 +235,11 @@ def score_exemplar_projection(zoo: Zoo, setup: str, stride: int) -> dict[str, An
 
 
 def _class_token_forward(model: torch.nn.Module, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-    """The suite encoder's output with ``params``, its last block on the class token only (the same
-    function and gradients as the whole forward, less work)."""
-    out = torch.func.functional_call(model, params, (inputs,), {"class_token_only": True})
-    assert isinstance(out, Tensor)
-    return out
+    """The suite encoder's output with ``params`` (every entry of its state dict): the written-out
+    forward, its last block on the class token only (the same function and gradients as the module's
+    whole forward, less work)."""
+    assert isinstance(model, VisionTransformer)
+    return functional_forward(model.config, params, inputs)
 
 
 def score_learned(zoo: Zoo, setup: str, method: str, steps: int, lr: float) -> dict[str, Any]:
