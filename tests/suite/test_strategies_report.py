@@ -39,3 +39,18 @@ def test_recommendation_paragraph_states_the_numbers():
     assert f"Recommended default: **{RECOMMENDED}**" in text
     assert "| other | 12/12 | 50% |" in text
     assert "wudi (55.0)" in text and "beats every λ = 1 merge" in text
+
+
+def test_table3_lists_the_methods_woven_with_every_pool():
+    """The full profile weaves only the paper's six methods with the random and MagMax pools."""
+    results = _results(other=65.0)
+    for setup in results.values():
+        for m in PAPER_METHODS:
+            setup[m] = {**setup[m], "weave_pools": {**setup[m]["weave_pools"], "random": _entry(61.0)}}
+            setup[m]["weave_pools"]["magmax"] = _entry(40.0)
+    lines = report._pool_table(results, ["multitask", "continual", "domain"])
+    rows = [line for line in lines if line.startswith("| ") and "method" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(PAPER_METHODS)  # not wudi: mean pool only
+    assert rows[0].endswith("| 60.0 | 61.0 | 40.0 |")
+    # with no method woven with the random pool, no comparison is made
+    assert "no comparison of pools" in "\n".join(report._pool_table(_results(65.0), ["multitask"]))

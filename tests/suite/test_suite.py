@@ -296,4 +296,5 @@ def test_executor_ray_scores_one_task_per_lambda_point(ray_cluster) -> None:
         n * (len(results[s]["ties"]["sweep"]["lambdas"]) + len(results[s]["ties"]["weave_pools"]))
         for s, n in (("multitask", 1), ("domain", 3), ("continual", 1))
     )
-    assert sizes[0] == points + len(zoo.recipe.interference_lams) + len(zoo.continual)
+    baselines = 2  # multi-task (domain generalisation shares it) and continual
+    assert sizes[0] == points + len(zoo.recipe.interference_lams) + len(zoo.continual) + baselines

@@ -145,19 +145,15 @@ Mapper = Callable[[Callable[[int], Any], int], Iterable[Any]]
 def _score(
     zoo: Zoo, methods: list[str], mapper: Mapper, workers: int, show: bool, per_point: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Every method in every setup, the methods that use data, the interference and continual
-    diagnostics: independent jobs run by ``mapper`` (``fork_map`` over ``workers`` processes, or
+    """The baselines, every method in every setup, the methods that use data, the interference and
+    continual diagnostics: independent jobs run by ``mapper`` (``fork_map`` over ``workers`` processes, or
     ``ray_map``), longest first. Returns the results, the diagnostics and the per-stage timings.
 
     ``per_point`` (Ray): every point of every λ sweep is a job of its own (one merge and one
     evaluation); the jobs return scores and each method's sweep is folded here from them exactly as
     it is in one process (the whole grid is scored, the coarse-to-fine search takes what it needs)."""
     recipe = zoo.recipe
-    tick = time.perf_counter()
-    results: dict[str, Any] = {}
-    for setup in protocols.SETUPS:  # multitask first: domain generalisation shares its baselines
-        results[setup] = protocols.baselines(zoo, setup, results.get("multitask"))
-    baselines_wall = time.perf_counter() - tick
+    results: dict[str, Any] = {setup: {} for setup in protocols.SETUPS}
     jobs: list[tuple[str, Any]] = []
     if recipe.with_data:  # reported apart: these methods see data the data-free ones do not
         jobs += [("with_data", pair) for pair in withdata.jobs(protocols.SETUPS)]
@@ -175,6 +171,8 @@ def _score(
         jobs += [("score", pair) for pair in pairs]
     jobs += [("interference", lam) for lam in recipe.interference_lams]
     jobs += [("continual", index) for index in range(len(zoo.continual))]
+    # zero-shot and individual models (domain generalisation shares multi-task's, made after)
+    jobs += [("baselines", setup) for setup in protocols.SETUPS if setup != "domain"]
 
     def job(index: int) -> tuple[Any, dict[str, dict[str, float]]]:
         kind, what = jobs[index]
@@ -189,6 +187,8 @@ def _score(
                 value = protocols.interference(zoo, what)
             elif kind == "continual":
                 value = protocols.continual_diagnostics(zoo, zoo.continual[what], CL_SURVIVAL_LAMS)
+            elif kind == "baselines":
+                value = protocols.baselines(zoo, what)
             elif kind == "point":
                 setup, method, k = what
                 pools = _pools(zoo, setup, method)
@@ -202,6 +202,7 @@ def _score(
         return value, clock.snapshot()
 
     interference, continual = [], []
+    base: dict[str, Any] = {}  # each setup's baselines
     done: dict[str, Any] = {}
     clocks: dict[str, dict[str, dict[str, float]]] = {}
     tick = time.perf_counter()
@@ -220,10 +221,16 @@ def _score(
             elif kind == "interference":
                 interference.append(value)
                 clocks[f"interference/{what}"] = clock
+            elif kind == "baselines":
+                base[what] = value
+                clocks[f"baselines/{what}"] = clock
             else:
                 continual.append(value)
                 clocks[f"continual_diagnostics/{zoo.continual[what].key}"] = clock
             bar.update(1)
+    base["domain"] = protocols.baselines(zoo, "domain", base["multitask"])
+    for setup in protocols.SETUPS:  # the baselines first, as a reader expects them
+        results[setup] = {**base[setup], **results[setup]}
     for setup, method in points:  # Ray: fold each sweep from its points, as in one process
         results[setup][method] = protocols.score_method(
             zoo,
@@ -246,7 +253,6 @@ def _score(
     }
     stages = {
         **zoo.timings,
-        "baselines": {"wall": round(baselines_wall, 1)},
         "merge and evaluate (jobs in parallel)": {
             "wall": round(scoring_wall, 1),
             "cpu": round(sum(c["cpu"]["total"] for c in clocks.values()), 1),
@@ -260,7 +266,8 @@ def _pools(zoo: Zoo, setup: str, method: str) -> tuple[str, ...]:
     """The pools a method is woven with in a setup: Table 3's where it runs, then the strategies."""
     recipe = zoo.recipe
     strategies = recipe.strategies if method in recipe.strategy_methods else ()
-    return (*(POOLS if setup in recipe.pool_setups else ("mean",)), *strategies)
+    table3 = setup in recipe.pool_setups and method in recipe.pool_methods
+    return (*(POOLS if table3 else ("mean",)), *strategies)
 
 
 def _add_clock(
@@ -287,7 +294,9 @@ def _timings(
         for part, cpu in clock["cpu"].items():
             if part != "total":
                 parts[part] = parts.get(part, 0.0) + cpu
-        if "/" in name and not name.startswith(("interference", "continual_diagnostics", "with_data")):
+        if "/" in name and not name.startswith(
+            ("interference", "continual_diagnostics", "with_data", "baselines")
+        ):
             setup, method = name.split("/", 1)
             methods[method] = methods.get(method, 0.0) + clock["cpu"]["total"]
             setups[setup] = setups.get(setup, 0.0) + clock["cpu"]["total"]
