@@ -291,7 +291,7 @@ def _domain_pool(
 
 
 def build_tasks(
-    seed: int, sizes: Sizes, names: list[str] | None = None, pools: bool = True
+    seed: int, sizes: Sizes, names: list[str] | None = None, pools: bool = True, workers: int = 1
 ) -> tuple[list[Task], dict[str, Tensor]]:
     """The eight tasks, plus each domain's unlabelled pre-training images (disjoint from the tasks').
 
@@ -299,11 +299,15 @@ def build_tasks(
 
     Digits has only 1,797 images, so its pre-training images are its own training images without
     labels (as CLIP saw much of the web without the downstream labels); its test images are the
-    same for every seed and never among them.
+    same for every seed and never among them. ``workers``: processes drawing the domains' images
+    (each domain has its own random stream, so the images do not depend on it).
     """
+    from .parallel import fork_map
+
     tasks, pretrain = [], {}
-    for name in names or TASK_NAMES:
-        xtr, ytr, xte, yte = _domain_pool(name, seed, sizes)
+    wanted = list(names or TASK_NAMES)
+    drawn = fork_map(lambda i: _domain_pool(wanted[i], seed, sizes), len(wanted), workers)
+    for name, (xtr, ytr, xte, yte) in zip(wanted, drawn, strict=True):
         if name == "digits":
             n_ft = min(sizes.train, len(ytr))
             ft, pre = slice(0, n_ft), slice(0, len(ytr))

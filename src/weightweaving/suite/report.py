@@ -579,14 +579,23 @@ def summary(results: Results, diagnostics: Results) -> str:
     return "\n".join(lines)
 
 
-def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
-    """Write the PNGs; returns their paths."""
+def plots(results: Results, diagnostics: Results, folder: Path, workers: int = 1) -> list[Path]:
+    """Write the PNGs (one figure per forked process, up to ``workers`` at once); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported once, before the workers fork)
+
+    from .parallel import fork_map
+
+    figures = [_sweeps_png, _best_lambda_png, _cosine_png, _interference_png, _exemplars_png]
+    made = fork_map(lambda i: figures[i](results, diagnostics, folder), len(figures), workers)
+    return [path for path in made if path is not None]
+
+
+def _sweeps_png(results: Results, diagnostics: Results, folder: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    written = []
     setups = [s for s in ("multitask", "continual", "domain") if s in results]
     methods = methods_of(results, setups[0])
     cols = min(4, max(1, len(methods)))
@@ -606,8 +615,13 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, title="-- weave, : zero-shot", title_fontsize=7)
     fig.tight_layout()
-    written.append(_save(fig, folder / "sweeps.png"))
+    return _save(fig, folder / "sweeps.png")
 
+
+def _best_lambda_png(results: Results, diagnostics: Results, folder: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    setups = [s for s in ("multitask", "continual", "domain") if s in results]
     fig, axes = plt.subplots(1, len(setups), figsize=(4 * len(setups), 3), squeeze=False)
     for ax, s in zip(axes.flat, setups, strict=False):
         best = [lam for m in methods_of(results, s) for lam in results[s][m]["best_lam_per_task"].values()]
@@ -615,7 +629,11 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
         ax.set_title(f"{s}: per-task best λ")
         ax.set_xlabel("λ")
     fig.tight_layout()
-    written.append(_save(fig, folder / "best_lambda_hist.png"))
+    return _save(fig, folder / "best_lambda_hist.png")
+
+
+def _cosine_png(results: Results, diagnostics: Results, folder: Path) -> Path | None:
+    import matplotlib.pyplot as plt
 
     cos = diagnostics.get("cosine", {})
     if cos:
@@ -627,7 +645,12 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
                 ax.set_title(f"{name}: {mode}")
                 fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        written.append(_save(fig, folder / "cosine.png"))
+        return _save(fig, folder / "cosine.png")
+    return None
+
+
+def _interference_png(results: Results, diagnostics: Results, folder: Path) -> Path | None:
+    import matplotlib.pyplot as plt
 
     inter = diagnostics.get("interference", [])
     if inter:
@@ -642,7 +665,13 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
             ax.set_title(f"Δ accuracy, θ_pre + {block['lam']}·Δ_j")
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        written.append(_save(fig, folder / "interference.png"))
+        return _save(fig, folder / "interference.png")
+    return None
+
+
+def _exemplars_png(results: Results, diagnostics: Results, folder: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
     curve = results.get("multitask", {}).get("exemplar_projection", {}).get("exemplars_curve")
     if curve:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -656,8 +685,8 @@ def plots(results: Results, diagnostics: Results, folder: Path) -> list[Path]:
         ax.set_ylabel("multi-task accuracy (%)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, folder / "with_data_exemplars.png"))
-    return written
+        return _save(fig, folder / "with_data_exemplars.png")
+    return None
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -128,7 +128,7 @@ def run_suite(
 
     save()
     tick = time.perf_counter()
-    report.plots(results, diagnostics, folder)
+    report.plots(results, diagnostics, folder, workers)
     markdown = report.markdown(results, diagnostics, meta)
     timings["stages"]["report and plots"] = {"wall": round(time.perf_counter() - tick, 1)}
     timings["total"] = {"wall": round(time.perf_counter() - started, 1), "cpu": round(_cpu_so_far(), 1)}

@@ -66,7 +66,9 @@ def build_zoo(recipe: Recipe, seed: int, cache: CheckpointCache, progress: bool,
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     tick = start_wall
     # a shipped encoder needs no pre-training images (24k of them for the full profile)
-    tasks, pools = build_tasks(seed, recipe.sizes, list(recipe.tasks), pools=recipe.encoder is None)
+    tasks, pools = build_tasks(
+        seed, recipe.sizes, list(recipe.tasks), pools=recipe.encoder is None, workers=workers
+    )
     log.info("data ready in %.1f s", time.perf_counter() - tick)
     benchmarks = [CL_BENCHMARKS[name] for name in recipe.cl_benchmarks]
     cl_tasks = [continual_dataset(tasks, b.domains, b.clutter, seed) for b in benchmarks]
