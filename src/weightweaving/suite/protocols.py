@@ -229,9 +229,9 @@ def score_problems(
     sweep: dict[float, Scores] = {}
 
     def evaluate(lams: list[float]) -> dict[float, float]:
-        for lam in lams:
-            sweep[lam] = {}
-            for index, family in enumerate(families):
+        sweep.update({lam: {} for lam in lams})
+        for index, family in enumerate(families):  # problem by problem: the order points are stored in
+            for lam in lams:
                 key = f"{setup}/{method}/{index}/lam={lam}"
                 sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
         return {lam: mean(sweep[lam].values()) for lam in lams}
