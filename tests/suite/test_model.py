@@ -43,8 +43,19 @@ def test_encode_equals_the_module_forward(config: ViTConfig) -> None:
     )
 
 
+FAST_PATHS = {
+    # the module's last block on the class token only
+    "class_token_only": lambda model, images: model(images, class_token_only=True),
+    # the written-out forward that fine-tuning and AdaMerging differentiate
+    "functional_forward": lambda model, images: functional_forward(
+        model.config, dict(model.named_parameters()), images
+    ),
+}
+
+
+@pytest.mark.parametrize("path", sorted(FAST_PATHS))
 @pytest.mark.parametrize("config", CONFIGS)
-def test_class_token_only_has_the_same_output_and_gradients(config: ViTConfig) -> None:
+def test_fast_forwards_have_the_modules_output_and_gradients(config: ViTConfig, path: str) -> None:
     model = build_model(config, 1)
     model.load_state_dict(_perturbed(config, 1))
     images = torch.rand(
@@ -53,32 +64,12 @@ def test_class_token_only_has_the_same_output_and_gradients(config: ViTConfig) -
     full = model(images)
     full.square().sum().backward()
     expected = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert set(expected) == {k for k, _ in model.named_parameters()}
     model.zero_grad()
-    short = model(images, class_token_only=True)
+    short = FAST_PATHS[path](model, images)
     short.square().sum().backward()
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
-        assert p.grad is not None
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_functional_forward_has_the_modules_output_and_gradients(config: ViTConfig) -> None:
-    """Fine-tuning and AdaMerging differentiate the written-out forward instead of the module."""
-    model = build_model(config, 2)
-    model.load_state_dict(_perturbed(config, 2))
-    images = torch.rand(
-        11, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(4)
-    )
-    model(images).square().sum().backward()
-    expected = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    params = dict(model.named_parameters())
-    out = functional_forward(config, params, images)
-    out.square().sum().backward()
-    torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)
-    assert set(expected) == set(params)
-    for name, p in params.items():
         assert p.grad is not None
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
