@@ -1,7 +1,7 @@
 """The suite's recipes: everything that decides a checkpoint or a result, as plain frozen data.
 
-``full`` is the README's main command, ``quick`` a smaller profile (the full one: 6 min 56 s to 7 min 2 s on 2
-cores from nothing, seeds 9-10), ``micro`` exists only for the tests (seconds).
+``full`` is the README's main command, ``quick`` a smaller profile (the full one: 6 min 56 s to 7 min 21 s on 2
+cores from nothing, seeds 9-11), ``micro`` exists only for the tests (seconds).
 """
 
 from __future__ import annotations

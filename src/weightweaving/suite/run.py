@@ -47,7 +47,7 @@ def run_suite(
     """Run the paper's three setups (multi-task, continual learning, domain generalisation) on a CPU.
 
     Args:
-        quick: the smaller profile instead of the full one (6 min 56 s to 7 min 2 s from nothing on 2 cores, seeds 9-10).
+        quick: the smaller profile instead of the full one (6 min 56 s to 7 min 21 s from nothing on 2 cores, seeds 9-11).
         seed: seeds data, pre-training, fine-tuning and random pools; the same seed gives the same run.
         out: parent folder; the run goes to ``<out>/<profile>-seed<seed>``.
         cache_dir: where checkpoints are cached by a hash of their recipe
