@@ -118,5 +118,5 @@ class Wudi(Method):
         assert isinstance(p, WudiParams)
         if not is_weight_matrix(task_vectors) or not name_matches(p.optimise_include, ctx.name):
             return LamForm(offset=None, slope=torch.zeros_like(task_vectors[0]))
-        precision = torch.float32 if p.precision == "float32" else torch.float64
-        return LamForm(offset=None, slope=wudi_merge(task_vectors, p.iterations, p.lr, precision))
+        slope = wudi_merge(task_vectors, p.iterations, p.lr, getattr(torch, p.precision))
+        return LamForm(offset=None, slope=slope)

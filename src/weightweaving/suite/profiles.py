@@ -24,10 +24,10 @@ METHODS: tuple[str, ...] = (
     "svc",
     "svc_tsv",
 )
-# Suite labels that are not registry names: label -> (method, its hyperparameters).
-# suite labels that are a registered method with hyperparameters. WUDI optimises in float32, its
-# reference's precision (the library's default float64 matches the reference's trajectory tightly,
-# at about twice the time: 20 of the full profile's CPU seconds)
+# Suite labels that stand for a registered method with hyperparameters: label -> (method, its
+# hyperparameters). WUDI optimises in float32, its reference's precision (the library's default,
+# float64, follows the reference's trajectory more tightly at about twice the time: 20 of the full
+# profile's CPU seconds).
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "svc_tsv": ("svc", {"base": "tsv"}),
     "wudi": ("wudi", {"precision": "float32"}),

@@ -236,16 +236,12 @@ def score_problems(
                 sweep[lam].update(point(key, functools.partial(family.evaluate_at, lam)))
         return {lam: mean(sweep[lam].values()) for lam in lams}
 
-    if coarse_to_fine:
-        search_grid(grid, evaluate)
-    else:
-        evaluate(grid)
+    best = best_lam(search_grid(grid, evaluate) if coarse_to_fine else evaluate(grid))
     grid = sorted(sweep)
     for index, family in enumerate(families):
         for pool in pools:
             key = f"{setup}/{method}/{index}/weave={pool}"
             woven[pool].update(point(key, functools.partial(family.evaluate_woven, weave_grid, pools, pool)))
-    best = best_lam({lam: mean(scores.values()) for lam, scores in sweep.items()})
     tuned = entry(sweep[best])
     tuned.update({"lam": best, "note": "λ chosen on the evaluation data (privileged)"})
     names = list(sweep[grid[0]])

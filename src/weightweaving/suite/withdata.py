@@ -214,12 +214,9 @@ def score_exemplar_projection(zoo: Zoo, setup: str, stride: int) -> dict[str, An
                 sweep[lam].update(problem.evaluate(_at(zoo, vector, lam)))
         return {lam: mean(sweep[lam].values()) for lam in lams}
 
-    if zoo.recipe.lam_search == "coarse_to_fine" and stride == 1:  # as the data-free methods' sweeps
-        protocols.search_grid(grid, evaluate)
-    else:
-        evaluate(grid)
+    search = zoo.recipe.lam_search == "coarse_to_fine" and stride == 1  # as the data-free sweeps
+    best = protocols.best_lam(protocols.search_grid(grid, evaluate) if search else evaluate(grid))
     grid = sorted(sweep)
-    best = protocols.best_lam({lam: mean(scores.values()) for lam, scores in sweep.items()})
     tuned = _entry(sweep[best]) | {"lam": best, "note": "λ chosen on the evaluation data (privileged)"}
     out = {
         "uses_data": True,
