@@ -4,6 +4,8 @@ Every output name, shape and dtype is known once a merge is planned, so the writ
 shard's header first and writes tensors straight to their offsets as they are computed: the output
 never sits in memory whole. Everything goes to a hidden staging folder next to the destination and
 is renamed into place only when complete, so a killed run never leaves a folder that looks finished.
+Writing and hashing happen in a background thread, in the order asked, while the next tensors are
+computed; a failure there comes back from the next call.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -222,6 +227,10 @@ class SafetensorsWriter:
         if len(self._entries) != len(entries):
             raise ValueError("duplicate output tensor names")
         self._committed = False
+        # (name, fd, offset, bytes, digest to feed or None) for the background thread; a few at most
+        self._jobs: queue.Queue[tuple[str, int, int, Any, Any] | None] = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
         try:
             self.staging.mkdir()
             self._prepare()
@@ -293,21 +302,7 @@ class SafetensorsWriter:
             )
         fd, offset = self._files[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = data.data
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            raise WeightWeavingError(
-                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
-            ) from None
-        file_name, digest, expected = self._hashes[fd]
-        if digest is not None and offset == expected and name not in self._written:
-            digest.update(view)
-            self._hashes[fd] = (file_name, digest, expected + len(view))
-        else:  # written out of order: hash the file at commit instead
-            self._hashes[fd] = (file_name, None, expected)
+        self._submit(name, fd, offset, data)
         self._written.add(name)
 
     def write_rows(self, name: str, start: int, tensor: Tensor) -> None:
@@ -325,25 +320,68 @@ class SafetensorsWriter:
         fd, offset = self._files[name]
         row_bytes = entry.nbytes // rows
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = data.data
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + start * row_bytes + done)
-        except OSError as exc:
-            raise WeightWeavingError(
-                f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
-            ) from None
-        file_name, digest, expected = self._hashes[fd]
-        position = offset + start * row_bytes
-        if digest is not None and position == expected and name not in self._written:
-            digest.update(view)  # rows in file order: hashed as they are written
-            self._hashes[fd] = (file_name, digest, expected + len(view))
-        else:  # written out of order: hash the file at commit instead
-            self._hashes[fd] = (file_name, None, expected)
+        self._submit(name, fd, offset + start * row_bytes, data)
         self._rows_written[name] = self._rows_written.get(name, 0) + tensor.shape[0]
         if self._rows_written[name] == rows:
             self._written.add(name)
+
+    def _submit(self, name: str, fd: int, position: int, data: Any) -> None:
+        """Hand bytes to the background thread (which keeps ``data``, and so the tensor, alive until
+        written); feed the file's digest too when they come next in file order."""
+        self._raise_failure()
+        file_name, digest, expected = self._hashes[fd]
+        if digest is not None and position == expected and name not in self._written:
+            self._hashes[fd] = (file_name, digest, expected + data.nbytes)  # in order: hashed as written
+        else:  # written out of order: hash the file at commit instead
+            self._hashes[fd] = (file_name, None, expected)
+            digest = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="weightweaving-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put((name, fd, position, data, digest))
+
+    def _drain(self) -> None:
+        """The background thread: write (and hash) each job in order; after a failure, skip the rest."""
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._failure is not None:
+                    continue
+                name, fd, position, data, digest = job
+                view = data.data
+                done = 0
+                try:
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], position + done)
+                    if digest is not None:
+                        digest.update(view)
+                except OSError as exc:
+                    self._failure = WeightWeavingError(
+                        f"cannot write the output: {exc.strerror or exc}", path=self.out_dir, parameter=name
+                    )
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._failure = exc
+            finally:
+                self._jobs.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def flush(self) -> None:
+        """Wait until everything handed over is written; raise what went wrong there."""
+        if self._thread is not None:
+            self._jobs.join()
+        self._raise_failure()
+
+    def _stop(self) -> None:
+        """Let the background thread finish what it holds, then end it."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
 
     def direct_layout(self) -> dict[str, tuple[str, int, int]]:
         """Where each tensor goes: ``name -> (staging file's absolute path, byte offset, bytes)``.
@@ -381,6 +419,8 @@ class SafetensorsWriter:
 
     def commit(self) -> Path:
         """Finish: check that everything was written, fsync, and move the folder into place."""
+        self.flush()
+        self._stop()
         missing = set(self._entries) - self._written
         if missing:
             raise RuntimeError(
@@ -433,6 +473,7 @@ class SafetensorsWriter:
     def abort(self) -> None:
         """Remove everything this writer wrote (a signal waits until the staging folder is gone)."""
         with signals.deferred():
+            self._stop()
             for fd in self._fds:
                 try:
                     os.close(fd)
