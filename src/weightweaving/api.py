@@ -553,6 +553,7 @@ def merge(
         scale_task_vectors(runner, weights_spec, record)
         found: dict[str, Any] = {}
         runner.row_chunks = chosen.row_chunks(params)
+        runner.check_merged = chosen.propagates_nonfinite(params)
         found["stats"] = method_stats(chosen, params, runner, deliver=lambda s: found.update(stats=s))
         return lambda tv, ctx: chosen.merge_unit(tv, params, number, with_stats(ctx, found["stats"]))
 

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 import weightweaving as ww
+from weightweaving.engine import execute
 from weightweaving.engine.execute import entrywise_threads
 
 
-def test_entrywise_threads_one_thread_on_the_cpu_then_restored() -> None:
+def test_entrywise_threads_one_thread_on_a_busy_cpu_then_restored(monkeypatch) -> None:
+    monkeypatch.setattr(execute, "_machine_busy", lambda: True)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -18,6 +23,35 @@ def test_entrywise_threads_one_thread_on_the_cpu_then_restored() -> None:
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_entrywise_threads_keeps_the_threads_on_an_idle_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(execute, "_machine_busy", lambda: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with entrywise_threads(torch.device("cpu"), True):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_machine_counts_as_busy_when_others_run_on_every_cpu_but_one(monkeypatch) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(execute, "_others_running", lambda: cpus - 2)
+    assert not execute._machine_busy()
+    monkeypatch.setattr(execute, "_others_running", lambda: cpus - 1)
+    assert execute._machine_busy()
+    monkeypatch.setattr(execute, "_others_running", lambda: None)  # no /proc/stat: one thread
+    assert execute._machine_busy()
+
+
+def test_others_running_reads_proc_stat() -> None:
+    others = execute._others_running(samples=2, interval=0.0)
+    if sys.platform.startswith("linux"):
+        assert isinstance(others, int) and others >= 0
+    else:
+        assert others is None
 
 
 @pytest.mark.parametrize(("method", "params"), [("ties", {"k": 0.3}), ("breadcrumbs", {"density": 0.3})])

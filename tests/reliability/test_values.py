@@ -118,3 +118,23 @@ def test_same_file_twice_counts_twice(runs):
     averaged = load_folder(d / "out_twice_average")
     for k in base:
         assert torch.allclose(averaged[k], tuned[0][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5], [1.0, 0.0]])
+def test_nan_refused_whatever_the_task_arithmetic_weights(weights):
+    """Task Arithmetic checks the merged task vector instead of the task vectors when every weight
+    is nonzero; a zero weight would hide a NaN there, so then the task vectors are checked."""
+    from weightweaving import api
+    from weightweaving.errors import CheckpointError
+    from weightweaving.methods.registry import get_method
+
+    base, tuned = toy_models(2)
+    poisoned = {**tuned[1], NAME: tuned[1][NAME].clone()}
+    poisoned[NAME][3, 2] = float("nan")
+    method = get_method("task_arithmetic")
+    params = method.params(weights=weights)
+    assert method.propagates_nonfinite(params) is (weights is None or 0.0 not in weights)
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        api.merge(base, [tuned[0], poisoned], "task_arithmetic", weights=weights, progress=False)
+    merged = api.merge(base, tuned, "task_arithmetic", weights=weights, progress=False)
+    assert isinstance(merged, dict) and all(bool(torch.isfinite(v).all()) for v in merged.values())

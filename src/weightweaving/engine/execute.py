@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -40,17 +42,48 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _others_running(samples: int = 5, interval: float = 0.01) -> int | None:
+    """How many other threads are runnable on this machine now: the fewest of a few readings of
+    ``procs_running`` in ``/proc/stat``, less this one (None where there is no ``/proc/stat``)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", "rb") as f:
+                line = next((ln for ln in f if ln.startswith(b"procs_running")), None)
+        except OSError:
+            return None
+        if line is None:
+            return None
+        counts.append(int(line.split()[1]) - 1)
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts))
+
+
+def _machine_busy() -> bool:
+    """True when other work occupies the CPUs this process may run on (or this cannot be told)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    others = _others_running()
+    return others is None or others > cpus - 2
+
+
 @contextlib.contextmanager
 def entrywise_threads(device: torch.device, entrywise: bool) -> Iterator[None]:
-    """One PyTorch intra-op thread while an entrywise merge runs on the CPU (restored afterwards).
+    """One PyTorch intra-op thread while an entrywise merge runs on a busy CPU (restored afterwards).
 
-    Entry-by-entry kernels are bound by memory, not arithmetic: a second intra-op thread gains
-    little, and on a shared machine its workers spin-wait for each other at every kernel's end
-    (8 × ViT-B/32, 2 cores at load 12: Task Arithmetic 2.2 s of CPU with one thread, 7.1 s with
-    two, and 3.3x the wall time). Parallelism comes from the engine's workers (``--workers``)
-    instead, one unit each. Other methods (SVDs) keep PyTorch's setting."""
+    Entry-by-entry kernels are bound by memory, not arithmetic. On an otherwise idle machine a
+    second intra-op thread still pays (8 × ViT-B/32 Task Arithmetic on 2 idle cores: 2.3 s with two
+    threads, 3.0 s with one), but on a shared machine its workers spin-wait for each other at
+    every kernel's end (2 cores at load 12: 2.2 s of CPU with one thread, 7.1 s with two, and 3.3x
+    the wall time). So the merge keeps PyTorch's threads only when no other thread is runnable
+    beside it on all but one of its CPUs (``/proc/stat``, read when the merge starts); otherwise it
+    runs with one, and parallelism comes from the engine's workers (``--workers``) instead. The
+    bytes are the same either way. Other methods (SVDs) keep PyTorch's setting."""
     before = torch.get_num_threads()
-    if not entrywise or device.type != "cpu" or before == 1:
+    if not entrywise or device.type != "cpu" or before == 1 or not _machine_busy():
         yield
         return
     torch.set_num_threads(1)
@@ -111,6 +144,10 @@ class Runner:
         self.row_chunks = False
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.task_scales: list[float] | None = None  # Δ_t ← scale_t·Δ_t before any method sees it
+        # the merge pass checks the merged task vector for NaN/Inf instead of the task vectors (T
+        # times fewer values), for a method whose output is not finite whenever an input is not
+        # (Method.propagates_nonfinite); set per merge
+        self.check_merged = False
 
     # -- reading ------------------------------------------------------------------------------------
     def load(self, unit: Unit, *, reuse: bool = False) -> tuple[Tensor, Tensor]:
@@ -121,10 +158,13 @@ class Runner:
         :class:`~weightweaving.methods.base.Stage`)."""
         return self._read(unit, None, reuse)
 
-    def _read(self, unit: Unit, rows: tuple[int, int] | None, reuse: bool) -> tuple[Tensor, Tensor]:
+    def _read(
+        self, unit: Unit, rows: tuple[int, int] | None, reuse: bool, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Base and task vectors of a unit or of its rows ``start:stop``: each checkpoint's bytes are
         read straight into the task-vector buffer (converted to the compute dtype there), then the
-        base is subtracted in place."""
+        base is subtracted in place. ``check``: refuse NaN/Inf in the task vectors (the caller
+        checks what it computes from them otherwise)."""
         start, stop = rows if rows is not None else (None, None)
         shape = unit.shape if rows is None else (rows[1] - rows[0], *unit.shape[1:])
         if reuse:
@@ -140,7 +180,7 @@ class Runner:
         for i, model in enumerate(self.models):
             model.read_into(unit.name, task_vectors[i], start, stop)
             task_vectors[i].sub_(base)
-        if not self.allow_nonfinite and not _all_finite(task_vectors):
+        if check and not self.allow_nonfinite and not _all_finite(task_vectors):
             self._refuse_nonfinite(unit, task_vectors)  # NaN/Inf anywhere shows up in the task vectors
         return base, self._scaled(task_vectors)
 
@@ -365,11 +405,9 @@ class Runner:
             out.extend(Piece(unit, (r, min(rows, r + step))) for r in range(0, rows, step))
         return out
 
-    def load_piece(self, piece: Piece, *, reuse: bool = False) -> tuple[Tensor, Tensor]:
+    def load_piece(self, piece: Piece, *, reuse: bool = False, check: bool = True) -> tuple[Tensor, Tensor]:
         """Like :meth:`load`, for one piece: the whole unit or only its rows."""
-        if piece.rows is None:
-            return self.load(piece.unit, reuse=reuse)
-        return self._read(piece.unit, piece.rows, reuse)
+        return self._read(piece.unit, piece.rows, reuse, check)
 
     def run_pieces(
         self, unit_fn: UnitFn, desc: str = "merging"
@@ -384,9 +422,13 @@ class Runner:
             self.pass_log.append("merge")
         partials: list[list[Any]] = [[] for _ in fused]
         reuse = self.reuses_buffers
+        # fused stages see the task vectors themselves: those are checked when they read them
+        check_merged = self.check_merged and not self.allow_nonfinite and not fused
 
         def merged_output(piece: Piece, base: Tensor, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
             merged = unit_fn(task_vectors, ctx)
+            if check_merged and not _all_finite(merged):
+                self._refuse_nonfinite(piece.unit, task_vectors)  # raises unless a finite sum overflowed
             if tuple(merged.shape) != tuple(base.shape):
                 raise RuntimeError(
                     f"{piece.unit.name}: method returned shape {tuple(merged.shape)}, expected {tuple(base.shape)}"
@@ -399,7 +441,7 @@ class Runner:
             with self.memory_guard(unit):
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
-                base, task_vectors = self.load_piece(piece, reuse=reuse)
+                base, task_vectors = self.load_piece(piece, reuse=reuse, check=not check_merged)
                 ctx = self.context(unit, base, rows=piece.rows)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)

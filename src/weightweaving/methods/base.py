@@ -262,6 +262,13 @@ class Method:
         False by default."""
         return False
 
+    def propagates_nonfinite(self, p: Hyperparameters) -> bool:
+        """True when the merged task vector holds a NaN or Inf wherever a task vector does (a sum
+        with nonzero weights, not a selection): the merge pass then checks the merged task vector
+        for them, T times fewer values than the task vectors, and looks for the culprit only when
+        it finds one. False by default (the task vectors are checked as they are read)."""
+        return False
+
     def one_thread(self, p: Hyperparameters) -> bool:
         """True when the merge is bound by memory, not arithmetic, so it runs with one PyTorch
         intra-op thread on the CPU (:func:`~weightweaving.engine.execute.entrywise_threads`).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 from torch import Tensor
 
@@ -32,6 +34,10 @@ class TaskArithmetic(Method):
 
     def row_chunks(self, p: Hyperparameters) -> bool:
         return True  # entry by entry
+
+    def propagates_nonfinite(self, p: Hyperparameters) -> bool:
+        assert isinstance(p, TaskArithmeticParams)  # λ·Σ w_t Δ_t: every w_t Δ_t enters the sum
+        return p.weights is None or all(w != 0 and math.isfinite(w) for w in p.weights)
 
     def compute(self, task_vectors: Tensor, p: Hyperparameters, ctx: UnitContext) -> LamForm:
         assert isinstance(p, TaskArithmeticParams)
