@@ -138,3 +138,29 @@ def test_nan_refused_whatever_the_task_arithmetic_weights(weights):
         api.merge(base, [tuned[0], poisoned], "task_arithmetic", weights=weights, progress=False)
     merged = api.merge(base, tuned, "task_arithmetic", weights=weights, progress=False)
     assert isinstance(merged, dict) and all(bool(torch.isfinite(v).all()) for v in merged.values())
+
+
+def test_a_later_pass_trusts_the_first_full_pass_check(monkeypatch):
+    """TIES reads the task vectors twice (its thresholds' pass, then the merge): the first full pass
+    looks for NaN/Inf, the merge pass does not look again, and a NaN is still refused."""
+    from weightweaving import api
+    from weightweaving.engine import execute
+    from weightweaving.errors import CheckpointError
+
+    checks: list[bool] = []
+    read = execute.Runner._read
+
+    def spy(self, unit, rows, reuse, check=True):
+        checks.append(check)
+        return read(self, unit, rows, reuse, check)
+
+    monkeypatch.setattr(execute.Runner, "_read", spy)
+    base, tuned = toy_models(3)
+    api.merge(base, tuned, "ties", k=0.3, progress=False)
+    units = sum(v.is_floating_point() for v in base.values())  # the merged ones
+    assert len(checks) > 2 * units  # (a small model's sample stage reads whole units too)
+    assert all(checks[:-units]) and not any(checks[-units:])
+    poisoned = {**tuned[2], NAME: tuned[2][NAME].clone()}
+    poisoned[NAME][0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        api.merge(base, [tuned[0], tuned[1], poisoned], "ties", k=0.3, progress=False)

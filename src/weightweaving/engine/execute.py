@@ -148,6 +148,9 @@ class Runner:
         # times fewer values), for a method whose output is not finite whenever an input is not
         # (Method.propagates_nonfinite); set per merge
         self.check_merged = False
+        # a full pass has read every merged unit and found no NaN/Inf: later passes need not look
+        # again (the files are checked unchanged before the output is committed)
+        self.checked_all = False
 
     # -- reading ------------------------------------------------------------------------------------
     def load(self, unit: Unit, *, reuse: bool = False) -> tuple[Tensor, Tensor]:
@@ -318,18 +321,20 @@ class Runner:
         self.pass_log.append(stage.name if fraction is None else f"{stage.name} (sample)")
         work = [Piece(u, None) for u in units] if fraction is not None else self.pieces(units)
         reuse = self.reuses_buffers
+        checked = self.checked_all
 
         def one(piece: Piece) -> Any:
             ctx = self.context(piece.unit, rows=piece.rows)
             with self.memory_guard(piece.unit):
                 if fraction is not None:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
-                return stage.map(self.load_piece(piece, reuse=reuse)[1], ctx, given)
+                return stage.map(self.load_piece(piece, reuse=reuse, check=not checked)[1], ctx, given)
 
         map_combined = getattr(self.executor, "map_combined", None)
         if stage.combine is not None and map_combined is not None:
             # a distributed executor combines each task's partials on its worker: fewer, same sum
             yield from map_combined(one, work, stage.combine)
+            self.checked_all = self.checked_all or fraction is None
             return
 
         nbytes = 4 * (len(self.models) + 1)
@@ -338,6 +343,7 @@ class Runner:
                 for piece, partial in zip(work, self.executor.map(one, work), strict=True):
                     yield partial
                     bar.update(piece.unit.numel * nbytes if piece.rows is None else 0)
+            self.checked_all = self.checked_all or fraction is None
         finally:
             self.release_buffers()
 
@@ -424,6 +430,7 @@ class Runner:
         reuse = self.reuses_buffers
         # fused stages see the task vectors themselves: those are checked when they read them
         check_merged = self.check_merged and not self.allow_nonfinite and not fused
+        check_read = not (check_merged or self.checked_all)
 
         def merged_output(piece: Piece, base: Tensor, task_vectors: Tensor, ctx: UnitContext) -> Tensor:
             merged = unit_fn(task_vectors, ctx)
@@ -441,7 +448,7 @@ class Runner:
             with self.memory_guard(unit):
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
-                base, task_vectors = self.load_piece(piece, reuse=reuse, check=not check_merged)
+                base, task_vectors = self.load_piece(piece, reuse=reuse, check=check_read)
                 ctx = self.context(unit, base, rows=piece.rows)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
