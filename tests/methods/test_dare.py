@@ -160,3 +160,26 @@ def test_bad_hyperparameter_is_refused(values, name):
 def test_metadata():
     method = get_method("dare")
     assert method.stochastic and not method.order_invariant and not method.single_model_identity
+
+
+def test_the_draws_in_threads_are_the_draws_in_order():
+    """Each task's draws come from its own stream: drawn in parallel threads (a unit large enough,
+    PyTorch allowed two threads) they are the numbers drawn one task after another."""
+    from weightweaving.methods import dare
+    from weightweaving.methods.base import UnitContext
+
+    gen = torch.Generator().manual_seed(3)
+    task_vectors = torch.randn(5, 300, 250, generator=gen)
+    ctx = UnitContext(name="w", seed=11, shape=(300, 250))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dare.drop_and_rescale(task_vectors, 0.4, True, ctx)
+        torch.set_num_threads(2)
+        two = dare.drop_and_rescale(task_vectors, 0.4, True, ctx)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.view(torch.int32), two.view(torch.int32))
+    for t in range(5):  # and each task's mask is its own generator's draws
+        drawn = torch.rand((300, 250), generator=ctx.generator("dare", t))
+        assert torch.equal(one[t] == 0, (drawn < 0.4) | (task_vectors[t] == 0))

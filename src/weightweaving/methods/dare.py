@@ -7,6 +7,7 @@ comes from (seed, parameter name, task index) only, never from λ: one seed give
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -46,6 +47,48 @@ class DareParams(Hyperparameters):
         return checked_base_hyperparameters(values, info)
 
 
+_LANES_MIN = 1 << 16  # entries per task below which the draws are not worth a thread
+
+
+def _draw_all(out: Tensor, ctx: UnitContext) -> None:
+    """Task t's uniform draws (from ``ctx.generator("dare", t)``, 32 bits per entry) into ``out[t]``.
+
+    Each task's stream is its own, so the draws (Mersenne Twister: one core each, most of DARE's
+    time) run in as many threads as PyTorch may use: the same numbers in any order."""
+    num_tasks, shape = out.shape[0], tuple(out.shape[1:])
+
+    def draw(t: int) -> None:
+        ctx.piece_draws(
+            lambda size, gen: torch.rand(size, generator=gen, dtype=torch.float32, out=out[t]),
+            shape,
+            "dare",
+            t,
+        )
+
+    lanes = min(num_tasks, torch.get_num_threads()) if out[0].numel() >= _LANES_MIN else 1
+    if lanes <= 1:
+        for t in range(num_tasks):
+            draw(t)
+        return
+    failures: list[BaseException] = []
+
+    def lane(first: int) -> None:
+        try:
+            for t in range(first, num_tasks, lanes):
+                draw(t)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=lane, args=(w,), daemon=True) for w in range(1, lanes)]
+    for thread in threads:
+        thread.start()
+    lane(0)
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
 def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitContext) -> Tensor:
     """Drop each entry of each Δ_t with probability p, divide the survivors by 1 − p (eq. 2).
 
@@ -55,16 +98,14 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     """
     masked = torch.empty_like(task_vectors)
     shape = tuple(task_vectors.shape[1:])
+    num_tasks = task_vectors.shape[0]
     kept = torch.empty(shape)  # (*s), CPU: 1.0 where the entry survives
-    # one buffer for every task's draws: allocating them task after task fragmented the C heap
-    # (glibc arenas of the engine's threads) until the process held 3x the memory it used
-    buffer = torch.empty(shape)
-
-    def uniform(size: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        return torch.rand(size, generator=gen, dtype=torch.float32, out=buffer)  # 32 bits per entry
-
-    for t in range(task_vectors.shape[0]):
-        draws = ctx.piece_draws(uniform, shape, "dare", t)  # (*s), CPU
+    # every task's draws at once, in one buffer allocated here (allocating them task after task in
+    # the engine's threads fragmented the C heap until the process held 3x the memory it used)
+    all_draws = torch.empty((num_tasks, *shape))
+    _draw_all(all_draws, ctx)
+    for t in range(num_tasks):
+        draws = all_draws[t]  # (*s), CPU
         row = task_vectors[t]
         if bool(torch.isfinite(row.sum())):
             # x·1 or x·0 = ±0, then + 0.0 makes every zero +0 as a masked_fill with 0 would (the
