@@ -339,7 +339,7 @@ def run_job(
 ) -> dict[str, Tensor] | Path:
     """Open the checkpoints, let ``prepare`` run its first passes and return the per-unit function,
     then stream every unit to the output (what ``merge`` and ``weave`` share). ``entrywise``: the
-    method works entry by entry, so it runs with one intra-op thread on the CPU
+    method works entry by entry, so it runs with one intra-op thread on a busy CPU
     (:func:`~weightweaving.engine.execute.entrywise_threads`); by default, when ``row_chunks``."""
     if out_lora is not None:
         if out is None:

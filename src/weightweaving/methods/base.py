@@ -270,8 +270,8 @@ class Method:
         return False
 
     def one_thread(self, p: Hyperparameters) -> bool:
-        """True when the merge is bound by memory, not arithmetic, so it runs with one PyTorch
-        intra-op thread on the CPU (:func:`~weightweaving.engine.execute.entrywise_threads`).
+        """True when the merge is bound by memory, not arithmetic, so on a busy CPU it runs with one
+        PyTorch intra-op thread (:func:`~weightweaving.engine.execute.entrywise_threads`).
         By default: methods merged in chunks of rows and elementwise-scope methods."""
         return self.row_chunks(p) or self.scope_of(p) is Scope.ELEMENTWISE
 
