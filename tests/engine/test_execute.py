@@ -11,26 +11,16 @@ from weightweaving.engine import execute
 from weightweaving.engine.execute import entrywise_threads
 
 
-def test_entrywise_threads_one_thread_on_a_busy_cpu_then_restored(monkeypatch) -> None:
-    monkeypatch.setattr(execute, "_machine_busy", lambda: True)
+@pytest.mark.parametrize(("busy", "threads"), [(True, 1), (False, 2)])
+def test_entrywise_threads_one_thread_on_a_busy_cpu_then_restored(monkeypatch, busy, threads) -> None:
+    monkeypatch.setattr(execute, "_machine_busy", lambda: busy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with entrywise_threads(torch.device("cpu"), True):
-            assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == threads
         assert torch.get_num_threads() == 2
         with entrywise_threads(torch.device("cpu"), False):  # SVD methods keep PyTorch's setting
-            assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_entrywise_threads_keeps_the_threads_on_an_idle_cpu(monkeypatch) -> None:
-    monkeypatch.setattr(execute, "_machine_busy", lambda: False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with entrywise_threads(torch.device("cpu"), True):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
