@@ -42,9 +42,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+_READING: dict[str, tuple[float, int | None]] = {}  # the last reading of _others_running: (when, value)
+_READING_KEPT = 1.0  # seconds a reading stands for: many small merges in a row read it once
+
+
 def _others_running(samples: int = 5, interval: float = 0.01) -> int | None:
     """How many other threads are runnable on this machine now: the fewest of a few readings of
-    ``procs_running`` in ``/proc/stat``, less this one (None where there is no ``/proc/stat``)."""
+    ``procs_running`` in ``/proc/stat``, less this one (None where there is no ``/proc/stat``).
+    A reading less than :data:`_READING_KEPT` seconds old is reused (the readings take 40 ms)."""
+    now = time.monotonic()
+    last = _READING.get("procs_running")
+    if last is not None and now - last[0] < _READING_KEPT:
+        return last[1]
     counts = []
     for i in range(samples):
         try:
@@ -57,7 +66,8 @@ def _others_running(samples: int = 5, interval: float = 0.01) -> int | None:
         counts.append(int(line.split()[1]) - 1)
         if i + 1 < samples:
             time.sleep(interval)
-    return max(0, min(counts))
+    _READING["procs_running"] = (time.monotonic(), max(0, min(counts)))
+    return _READING["procs_running"][1]
 
 
 def _machine_busy() -> bool:
@@ -483,8 +493,8 @@ class Runner:
             for (stage, given, deliver), store in zip(fused, partials, strict=True):
                 deliver(stage.fold(given, iter(store)))
             for piece in deferred:  # read again: their merge needed what the fused stages found
-                with self.memory_guard(piece.unit):
-                    base, task_vectors = self.load_piece(piece, reuse=True)
+                with self.memory_guard(piece.unit):  # checked when first read
+                    base, task_vectors = self.load_piece(piece, reuse=True, check=False)
                     ctx = self.context(piece.unit, base, rows=piece.rows)
                     merged = merged_output(piece, base, task_vectors, ctx)
                 yield piece.unit.name, piece.rows, merged

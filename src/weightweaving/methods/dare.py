@@ -7,7 +7,7 @@ comes from (seed, parameter name, task index) only, never from λ: one seed give
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -70,23 +70,9 @@ def _draw_all(out: Tensor, ctx: UnitContext) -> None:
         for t in range(num_tasks):
             draw(t)
         return
-    failures: list[BaseException] = []
-
-    def lane(first: int) -> None:
-        try:
-            for t in range(first, num_tasks, lanes):
-                draw(t)
-        except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=lane, args=(w,), daemon=True) for w in range(1, lanes)]
-    for thread in threads:
-        thread.start()
-    lane(0)
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        for _ in pool.map(draw, range(num_tasks)):  # raises here what a draw raised
+            pass
 
 
 def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitContext) -> Tensor:
