@@ -93,6 +93,30 @@ def test_learned_methods_are_deterministic_bytes(tmp_path: Path, method: str) ->
     assert all(len(v) == 2 for v in record["coefficients"].values())
 
 
+def test_cart_plus_plus_floor_keeps_every_coefficient_at_least_low(tmp_path: Path) -> None:
+    base, tasks = checkpoints()
+    data = {"a": torch.rand(6, 3, 8, 8), "b": torch.rand(6, 3, 8, 8)}
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 3), nn.Linear(4, 5)]
+
+    def coefficients(**options: float) -> list[float]:
+        out = weightweaving.merge_with_data(
+            base, tasks, "cart_adamerging", model=build_model(CONFIG, 0), data=data, heads=heads, steps=8,
+            lr=0.2, batch_size=2, out=tmp_path / str(sorted(options.items())), seed=1, **options,
+        )  # fmt: skip
+        assert isinstance(out, Path)
+        record = yaml.safe_load((out / "weightweaving_config.yaml").read_text())
+        assert record["bounds"] == [options.get("low", 0.0), 2.0]
+        return [v for vs in record["coefficients"].values() for v in vs]
+
+    free = coefficients(init=1.0)
+    assert min(free) < 1.0  # entropy pulls some coefficient down when nothing holds it
+    floored = coefficients(init=1.5, low=1.0)
+    assert min(floored) >= 1.0 and max(floored) <= 2.0
+    with pytest.raises(WeightWeavingError, match="low <= init"):
+        coefficients(init=1.0, low=1.5)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

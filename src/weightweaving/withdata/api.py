@@ -145,6 +145,7 @@ def merge_with_data(
             :func:`weightweaving.weave`'s ``lambdas``, ``setup``, ``search``, ``points``, ``pool``,
             ``pool_over``, ``pool_hyperparameters``.
         **hyperparameters: CAT: ``c``, ``alpha``; AdaMerging: ``init`` (0.3); CART++: ``init`` (1.0),
+            ``low`` (0.0: the least a coefficient may become; the suite keeps it at CART's λ = 1),
             ``rank_fraction`` (0.08), ``svd_include``.
 
     Returns:
@@ -255,8 +256,11 @@ def merge_loaded(
         if not 0.0 < rank <= 1.0:
             raise OptionError(f"method '{method}': rank_fraction={rank} must be in (0, 1]")
         include = str(options.pop("svd_include", REFERENCE_SVD_INCLUDE))
+        low = float(options.pop("low", 0.0))
+        if not 0.0 <= low <= init <= 2.0:
+            raise OptionError(f"method '{method}': needs 0 <= low <= init <= 2 (got low={low}, init={init})")
         offset, directions = cart_directions(base, tuned, rank_fraction=rank, svd_include=include)
-        bounds = (0.0, 2.0)
+        bounds = (low, 2.0)
     if options:
         raise OptionError(f"method '{method}' has no hyperparameter '{sorted(options)[0]}'")
     learned = learn_coefficients(
