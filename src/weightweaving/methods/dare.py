@@ -82,7 +82,6 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     device, so it is the same on every executor and device; a chunk of rows (``ctx.rows``) gets
     the draws of those rows of the whole parameter's stream. (T, *s) -> (T, *s).
     """
-    masked = torch.empty_like(task_vectors)
     shape = tuple(task_vectors.shape[1:])
     num_tasks = task_vectors.shape[0]
     kept = torch.empty(shape)  # (*s), CPU: 1.0 where the entry survives
@@ -90,6 +89,10 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     # the engine's threads fragmented the C heap until the process held 3x the memory it used)
     all_draws = torch.empty((num_tasks, *shape))
     _draw_all(all_draws, ctx)
+    # on the CPU, task t's masked vector overwrites its draws once its mask is taken from them: one
+    # (T, *s) buffer fewer
+    same = task_vectors.device == all_draws.device and task_vectors.dtype == all_draws.dtype
+    masked = all_draws if same else torch.empty_like(task_vectors)
     for t in range(num_tasks):
         draws = all_draws[t]  # (*s), CPU
         row = task_vectors[t]
@@ -100,7 +103,8 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
             torch.ge(draws, p, out=kept)
             torch.mul(row, kept.to(row.device), out=masked[t]).add_(0.0)
         else:  # x·0 is NaN for x = ±Inf or NaN (--allow-nonfinite): drop them exactly
-            masked[t] = row.masked_fill((draws < p).to(row.device), 0)
+            dropped = (draws < p).to(row.device)
+            masked[t] = row.masked_fill(dropped, 0)
     if rescale and p < 1:
         masked.div_(1 - p)  # in place: the same quotients, no second (T, *s) tensor
     return masked
