@@ -183,3 +183,34 @@ def test_the_draws_in_threads_are_the_draws_in_order():
     for t in range(5):  # and each task's mask is its own generator's draws
         drawn = torch.rand((300, 250), generator=ctx.generator("dare", t))
         assert torch.equal(one[t] == 0, (drawn < 0.4) | (task_vectors[t] == 0))
+
+
+def test_checked_task_vectors_skip_the_finiteness_sum_with_the_same_result(monkeypatch):
+    """The engine tells DARE its task vectors were checked (``ctx.finite``), so DARE does not sum each
+    task's vector to choose how to drop; the merge is the same bytes as with that sum, also where the
+    sum of finite values overflows (that path keeps a −0 that the other makes +0)."""
+    from weightweaving.methods import dare
+
+    seen: list[bool] = []
+    original = dare.drop_and_rescale
+
+    def spy(tv: torch.Tensor, p: float, rescale: bool, ctx: UnitContext) -> torch.Tensor:
+        seen.append(ctx.finite)
+        return original(tv, p, rescale, ctx)
+
+    monkeypatch.setattr(dare, "drop_and_rescale", spy)
+    gen = torch.Generator().manual_seed(2)
+    base = {"w": torch.zeros(6, 40), "v": torch.randn(30, generator=gen)}
+    huge = torch.full((6, 40), 1e38)  # finite after the rescale; a row sums past float32
+    huge[0, :5] = -0.0
+    tasks = [{"w": huge, "v": torch.randn(30, generator=gen)}, {"w": -huge, "v": -base["v"]}]
+    got = weightweaving.merge(base, tasks, method="dare", lam=0.5, seed=4, p=0.3)
+    assert seen and all(seen)
+    for name in base:
+        tv = torch.stack([t[name] - base[name] for t in tasks])
+        unchecked = original(tv, 0.3, True, UnitContext(name=name, seed=4, shape=tuple(base[name].shape)))
+        want = base[name] + unchecked.sum(0) * 0.5
+        assert torch.equal(got[name].view(torch.int32), want.view(torch.int32)), name
+    seen.clear()
+    weightweaving.merge(base, tasks, method="dare", lam=0.5, seed=4, p=0.3, allow_nonfinite=True)
+    assert seen and not any(seen)

@@ -277,9 +277,20 @@ class Runner:
         )
 
     def context(
-        self, unit: Unit, base: Tensor | None = None, stats: Any = None, rows: tuple[int, int] | None = None
+        self,
+        unit: Unit,
+        base: Tensor | None = None,
+        stats: Any = None,
+        rows: tuple[int, int] | None = None,
+        checked: bool = False,
     ) -> UnitContext:
+        """The context a method sees for ``unit``; ``checked``: its task vectors were read with the NaN/Inf
+        check (now or in an earlier full pass), so they are finite unless scaled up after it."""
+        scales = self.task_scales
         return UnitContext(
+            finite=checked
+            and not self.allow_nonfinite
+            and (scales is None or all(abs(s) <= 1 for s in scales)),
             name=unit.name,
             seed=self.seed,
             stats=stats,
@@ -334,7 +345,7 @@ class Runner:
         checked = self.checked_all
 
         def one(piece: Piece) -> Any:
-            ctx = self.context(piece.unit, rows=piece.rows)
+            ctx = self.context(piece.unit, rows=piece.rows, checked=fraction is None)
             with self.memory_guard(piece.unit):
                 if fraction is not None:
                     return stage.map(self.load_sample(piece.unit, fraction), ctx, given)
@@ -459,7 +470,7 @@ class Runner:
                 if not unit.merge:
                     return self.base.get(unit.name).to(unit.out_dtype), []
                 base, task_vectors = self.load_piece(piece, reuse=reuse, check=check_read)
-                ctx = self.context(unit, base, rows=piece.rows)
+                ctx = self.context(unit, base, rows=piece.rows, checked=not check_merged)
                 try:
                     out: Tensor | None = merged_output(piece, base, task_vectors, ctx)
                 except Deferred:

@@ -178,6 +178,7 @@ class UnitContext:
     base: Tensor | None = None  # the base tensor in the compute dtype (read-only), for needs_base methods
     stored_dtype: torch.dtype | None = None  # the base checkpoint's dtype of this parameter
     rows: tuple[int, int] | None = None  # rows start:stop of the parameter in this call (None: all)
+    finite: bool = False  # the caller checked that the task vectors hold no NaN or ±Inf
 
     def generator(self, *salt: object) -> torch.Generator:
         """A CPU generator seeded from (seed, parameter name, salt): the same on every executor."""

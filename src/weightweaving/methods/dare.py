@@ -96,7 +96,7 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
     for t in range(num_tasks):
         draws = all_draws[t]  # (*s), CPU
         row = task_vectors[t]
-        if bool(torch.isfinite(row.sum())):
+        if ctx.finite or bool(torch.isfinite(row.sum())):
             # x·1 or x·0 = ±0, then + 0.0 makes every zero +0 as a masked_fill with 0 would (the
             # kept −0 too: a −0 task-vector entry has a +0 base, which absorbs either zero);
             # float kernels, several times faster than a boolean mask
