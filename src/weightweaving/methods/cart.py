@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
@@ -56,6 +57,10 @@ class CART(Method):
         average = mean_over_tasks(task_vectors)  # (*shape): θ_avg − θ_pre
         if not is_weight_matrix(task_vectors) or not name_matches(p.svd_include, ctx.name):
             return LamForm(offset=average, slope=None)  # the reference adds λ·Σ_t C_t = 0 here
-        centered = task_vectors - average  # (T, m, n): C_t = θ_t − θ_avg
-        keep = max(1, int(p.rank_fraction * min(centered.shape[1:])))
-        return LamForm(offset=average, slope=low_rank(*thin_svd(centered), keep).sum(0))
+        keep = max(1, int(p.rank_fraction * min(task_vectors.shape[1:])))
+        # one task at a time (C_t = θ_t − θ_avg, its SVD and its rank-k part): the SVD factors of
+        # one matrix in memory, not of all T; the T parts are then summed as one stack
+        parts = torch.empty_like(task_vectors)
+        for centered, part in zip(task_vectors, parts, strict=True):
+            part.copy_(low_rank(*thin_svd(centered - average), keep))
+        return LamForm(offset=average, slope=parts.sum(0))
