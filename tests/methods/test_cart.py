@@ -111,3 +111,20 @@ def test_rank_is_max_one_int_fraction():
 def test_bad_values_are_refused(option, value):
     with pytest.raises(OptionError, match=option):
         get_method("cart").parse_params({option: value})
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 20), (3, 12, 40)])
+def test_one_task_at_a_time_is_the_batched_svd(shape):
+    """CART decomposes one centred vector at a time (less memory); the slope is the same bytes as
+    the batched SVD over the stack that it replaced."""
+    from weightweaving.methods import UnitContext
+    from weightweaving.methods.steps import low_rank, thin_svd
+
+    task_vectors = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    method = get_method("cart")
+    p = method.parse_params({"rank_fraction": 0.3})
+    form = method.compute(task_vectors, p, UnitContext(name="blocks.0.mlp.c_fc.weight"))
+    average = task_vectors.mean(0)
+    keep = max(1, int(0.3 * min(shape[1:])))
+    batched = low_rank(*thin_svd(task_vectors - average), keep).sum(0)
+    assert form.slope is not None and torch.equal(form.slope.view(torch.int32), batched.view(torch.int32))

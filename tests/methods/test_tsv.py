@@ -54,3 +54,22 @@ def test_text_projection_and_non_matrices_are_averaged():
 def test_bad_pattern_is_refused():
     with pytest.raises(OptionError, match="svd_exclude"):
         get_method("tsv").parse_params({"svd_exclude": "("})
+
+
+@pytest.mark.parametrize("shape, r", [((4, 30, 20), 5), ((3, 12, 40), 4), ((5, 6, 6), 1)])
+def test_one_matrix_svd_at_a_time_is_the_batched_svd(shape, r):
+    """TSV and ISO-CTS decompose one task's matrix at a time (less memory): the stacked blocks are
+    the same bytes as the top-r slices of one batched SVD of the whole stack."""
+    from weightweaving.methods.steps import thin_svd, top_task_blocks
+
+    matrices = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    got = top_task_blocks(matrices, r)
+    u, s, vh = thin_svd(matrices)
+    num_tasks, m, n = shape
+    want = (
+        u[..., :r].permute(1, 0, 2).reshape(m, num_tasks * r),
+        s[:, :r].reshape(num_tasks * r),
+        vh[:, :r, :].reshape(num_tasks * r, n),
+    )
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -16,8 +16,8 @@ from .steps import (
     mean_over_tasks,
     name_matches,
     orthogonal_reassembly,
-    task_blocks,
     thin_svd,
+    top_task_blocks,
 )
 
 
@@ -75,7 +75,7 @@ def iso_cts_merge(task_vectors: Tensor, common_space_fraction: float, name: str 
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]  # (m, c), (c), (c, n)
     # each task with the common subspace projected out on the left: Δ_t − U_c U_cᵀ Δ_t
     specific = task_vectors - common_u @ (common_u.T @ task_vectors)  # (T, m, n)
-    task_u, task_s, task_vh = task_blocks(*thin_svd(specific), rank)  # (m, T·r), (T·r), (T·r, n)
+    task_u, task_s, task_vh = top_task_blocks(specific, rank)  # (m, T·r), (T·r), (T·r, n)
     stacked_u = torch.cat([task_u, common_u], dim=1)  # (m, p)
     stacked_s = torch.cat([task_s, common_s])  # (p)
     stacked_vh = torch.cat([task_vh, common_vh], dim=0)  # (p, n)

@@ -85,15 +85,21 @@ def polar_factor(matrix: Tensor) -> Tensor:
     return p @ qh
 
 
-def task_blocks(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each task's top-r singular triplets side by side, task t in slots ``t·r … (t+1)·r − 1``.
+def top_task_blocks(matrices: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each matrix's top-r singular triplets side by side, task t in slots ``t·r … (t+1)·r − 1``.
 
-    u (T, m, p), s (T, p), vh (T, p, n) -> U (m, T·r), S (T·r), Vᵀ (T·r, n).
+    One matrix's SVD at a time: the factors of one matrix in memory, not of all T (the same values
+    as one batched SVD of the stack). (T, m, n) -> U (m, T·r), S (T·r), Vᵀ (T·r, n).
     """
-    num_tasks, m, _ = u.shape
-    stacked_u = u[..., :r].permute(1, 0, 2).reshape(m, num_tasks * r)  # (m, T·r)
-    stacked_s = s[:, :r].reshape(num_tasks * r)  # (T·r)
-    stacked_vh = vh[:, :r, :].reshape(num_tasks * r, vh.shape[-1])  # (T·r, n)
+    num_tasks, m, n = matrices.shape
+    stacked_u = matrices.new_empty(m, num_tasks * r)
+    stacked_s = matrices.new_empty(num_tasks * r)
+    stacked_vh = matrices.new_empty(num_tasks * r, n)
+    for t, matrix in enumerate(matrices):
+        u, s, vh = thin_svd(matrix)
+        stacked_u[:, t * r : (t + 1) * r] = u[:, :r]
+        stacked_s[t * r : (t + 1) * r] = s[:r]
+        stacked_vh[t * r : (t + 1) * r] = vh[:r]
     return stacked_u, stacked_s, stacked_vh
 
 

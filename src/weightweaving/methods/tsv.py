@@ -14,8 +14,7 @@ from .steps import (
     mean_over_tasks,
     name_matches,
     orthogonal_reassembly,
-    task_blocks,
-    thin_svd,
+    top_task_blocks,
 )
 
 
@@ -55,8 +54,7 @@ def tsv_merge(task_vectors: Tensor) -> Tensor:
     num_tasks, m, n = task_vectors.shape
     width = min(m, n)
     rank = width // num_tasks  # int(p / T): each task's share of the p singular slots
-    u, s, vh = thin_svd(task_vectors)  # (T, m, p), (T, p), (T, p, n)
-    stacked_u, stacked_s, stacked_vh = task_blocks(u, s, vh, rank)  # (m, T·r), (T·r), (T·r, n)
+    stacked_u, stacked_s, stacked_vh = top_task_blocks(task_vectors, rank)  # (m, T·r), (T·r), (T·r, n)
     pad = width - num_tasks * rank  # unused slots stay zero, as in the reference
     stacked_u = torch.cat([stacked_u, stacked_u.new_zeros(m, pad)], dim=1)  # (m, p)
     stacked_s = torch.cat([stacked_s, stacked_s.new_zeros(pad)])  # (p)
