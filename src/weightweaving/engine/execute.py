@@ -506,7 +506,7 @@ class Runner:
             for piece in deferred:  # read again: their merge needed what the fused stages found
                 with self.memory_guard(piece.unit):  # checked when first read
                     base, task_vectors = self.load_piece(piece, reuse=True, check=False)
-                    ctx = self.context(piece.unit, base, rows=piece.rows)
+                    ctx = self.context(piece.unit, base, rows=piece.rows, checked=not check_merged)
                     merged = merged_output(piece, base, task_vectors, ctx)
                 yield piece.unit.name, piece.rows, merged
         finally:

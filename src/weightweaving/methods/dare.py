@@ -103,8 +103,7 @@ def drop_and_rescale(task_vectors: Tensor, p: float, rescale: bool, ctx: UnitCon
             torch.ge(draws, p, out=kept)
             torch.mul(row, kept.to(row.device), out=masked[t]).add_(0.0)
         else:  # x·0 is NaN for x = ±Inf or NaN (--allow-nonfinite): drop them exactly
-            dropped = (draws < p).to(row.device)
-            masked[t] = row.masked_fill(dropped, 0)
+            masked[t] = row.masked_fill((draws < p).to(row.device), 0)
     if rescale and p < 1:
         masked.div_(1 - p)  # in place: the same quotients, no second (T, *s) tensor
     return masked

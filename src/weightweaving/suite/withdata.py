@@ -95,8 +95,9 @@ class Learning:
 # λ = 1 / 1.5, then CART++ from 1 in [0, 2] / from 1 in [1, 2] / from 1.5 in [1, 2]:
 #   seed 12 85.00 / 86.96, 84.83 / 85.13 / 87.12;  seed 13 84.62 / 85.54, 84.79 / 84.92 / 85.62
 #   seed 14 82.25 / 82.38, 82.25 / 82.42 / 82.42;  seed 15 85.46 / 86.42, 85.42 / 85.75 / 86.42
-# (chosen after seeds 12-15; seed 16: 85.58 / 87.33, 85.54 / 85.71 / 87.13). The reference-like rank mask (a learnt straight-through
-# mask over each centred vector's singular values) lowered seed 12 to 83.79.
+# (chosen after seeds 12-15; seed 16: 85.58 / 87.33, 85.54 / 85.71 / 87.13). The reference-like
+# rank mask (a learnt straight-through mask over each centred vector's singular values) lowered
+# seed 12 to 83.79.
 ADAMERGING = Learning(init=0.5, bounds=(0.0, 1.0), batches_per_task=1)
 CART_ADAMERGING = Learning(init=1.5, bounds=(1.0, 2.0), lr_scale=0.5, batch_size=32, batches_per_task=1)
 LEARNING = {"adamerging": ADAMERGING, "cart_adamerging": CART_ADAMERGING}
