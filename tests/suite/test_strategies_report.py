@@ -19,6 +19,7 @@ def _results(other: float) -> dict:
         "weave": _entry(60.0),
         "recommended": _entry(60.0),
         "weave_pools": {"mean": _entry(60.0), RECOMMENDED: _entry(60.0), "other": _entry(other)},
+        "sweep": {"lambdas": [0.1, 0.5, 1.0], "per_task": {"a": [45.0, 70.0, 50.0]}},
     }
     setup = {"zero_shot": _entry(10.0), "individual": _entry(90.0), **{m: dict(cell) for m in PAPER_METHODS}}
     mt = {**setup, "wudi": {**cell, "data_free": _entry(55.0)}}
@@ -39,6 +40,21 @@ def test_recommendation_paragraph_states_the_numbers():
     assert f"Recommended default: **{RECOMMENDED}**" in text
     assert "| other | 12/12 | 50% |" in text
     assert "wudi (55.0)" in text and "beats every λ = 1 merge" in text
+
+
+def test_gap_anatomy_locates_the_gap_and_prices_shrinking_in_multitask():
+    results = _results(other=65.0)
+    for m in PAPER_METHODS:  # domain: a gap of 2 per cell, best at the grid's smallest λ in two cells
+        results["domain"][m] = {**results["domain"][m], "best": {**_entry(62.0), "lam": 0.5}}
+    for m in PAPER_METHODS[:2]:
+        results["domain"][m]["best"] = {**_entry(62.0), "lam": 0.1}
+    anatomy = report.gap_anatomy(results)
+    assert abs(anatomy["domain_share"] - 2 / 12) < 1e-12  # 6 x 2 of 6 x 10 + 6 x 2
+    assert anatomy["domain_at_smallest"] == 2 and anatomy["domain_cells"] == 6
+    assert abs(anatomy["multitask_cost"] - 15.0) < 1e-12  # mean pool 60 against 45 at λ = 0.1
+    text = "\n".join(report.recommendation(results))
+    assert "17% of it is in domain generalisation" in text and "in 2 of 6 cells" in text
+    assert "costs 15.0 points" in text
 
 
 def test_table3_lists_the_methods_woven_with_every_pool():
