@@ -217,27 +217,24 @@ def gap_anatomy(results: Results) -> dict[str, float]:
     cannot shrink toward zero-shot in one setup and not in the other."""
     from .profiles import PAPER_METHODS
 
-    def gap(setup: str, m: str) -> float:
-        cell = results[setup][m]
-        return float(cell["best"]["average"] - cell["weave"]["average"])
+    def cells(setup: str) -> list[dict[str, Any]]:
+        return [results[setup][m] for m in PAPER_METHODS if m in results.get(setup, {})]
 
-    setups = {s: [m for m in PAPER_METHODS if m in results.get(s, {})] for s in ("continual", "domain")}
-    gaps = {s: sum(gap(s, m) for m in ms) for s, ms in setups.items()}
+    domain = cells("domain")
+    gaps = {
+        s: sum(c["best"]["average"] - c["weave"]["average"] for c in cells(s))
+        for s in ("continual", "domain")
+    }
     total = gaps["continual"] + gaps["domain"]
-    smallest = sum(
-        results["domain"][m]["best"]["lam"] <= min(results["domain"][m]["sweep"]["lambdas"]) + 1e-9
-        for m in setups["domain"]
-    )
-    costs = []
-    for m in PAPER_METHODS:
-        cell = results.get("multitask", {}).get(m)
-        if cell is None:
-            continue
-        per_task = cell["sweep"]["per_task"]  # the first λ of the sweep is its grid's smallest
-        costs.append(cell["weave"]["average"] - mean(values[0] for values in per_task.values()))
+    # a sweep's λ are sorted: its first is the grid's smallest
+    smallest = sum(c["best"]["lam"] <= c["sweep"]["lambdas"][0] + 1e-9 for c in domain)
+    costs = [
+        c["weave"]["average"] - mean(values[0] for values in c["sweep"]["per_task"].values())
+        for c in cells("multitask")
+    ]
     return {
         "domain_share": gaps["domain"] / total if total > 0 else float("nan"),
-        "domain_cells": len(setups["domain"]),
+        "domain_cells": len(domain),
         "domain_at_smallest": smallest,
         "multitask_cost": mean(costs) if costs else float("nan"),
     }
